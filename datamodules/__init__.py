@@ -1,0 +1,1 @@
+"""LightningDataModules that produce ``lit_transfusion.batch.Batch``."""

@@ -1,0 +1,258 @@
+"""ShapesDataModule: the embedded shapes world as packed Transfusion batches.
+
+Documents (one per sample, several packed per row):
+- caption -> image   ``<bos> caption <boi> image <eoi> <eos>``                     (the rest of image docs)
+- image -> caption   ``<bos> <boi> image <eoi> caption <eos>``, t capped at ``noise_limit`` (paper: 20 %, 500)
+- null caption       ``<bos> <boi> image <eoi> <eos>``, no LM loss on the empty caption (CFG; paper-ish 10 %)
+- text only          ``<bos> scene description <eos>`` (fraction ``text_ratio`` of documents)
+
+Images are rendered once, encoded once with the frozen VAE, and the latents cached on disk; captions are
+re-phrased per draw (several templates per task family). Validation has two loaders: packed rows for the
+losses, and caption->image pairs with true and with shuffled captions for ``val/cond_gap``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from jsonargparse.typing import ClosedUnitInterval, PositiveInt
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.shapes.world import ShapesWorld, caption, sample_prompt
+from lit_transfusion.batch import Document, Image, Text, document_length, pack_rows
+from lit_transfusion.tokenizer import TextTokenizer
+from lit_transfusion.vae import LatentCodec, images_to_tensor, vae_latent_shape
+
+_SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
+
+
+class ShapesDataModule(L.LightningDataModule):
+    """Packed caption/image/text documents from the shapes world.
+
+    Args:
+        data_dir: cache directory for the tokenizer and encoded latents.
+        vae_path: directory of a diffusers AutoencoderKL with shift/scaling factors (``configs/shapes/vae.yaml``).
+        tokenizer_path: a local ``tokenizer.json``; None trains a byte-level BPE on the corpus (cached).
+        bpe_vocab_size: vocabulary size of the trained BPE.
+        seed: world seed (samples are a pure function of seed, split and index).
+        image_size: rendered image side in pixels.
+        num_train: training images rendered and encoded (drawn with replacement into rows).
+        num_val: validation (and test) images.
+        seq_len: positions per packed row.
+        batch_size: rows per batch.
+        patch_size: latent patch side (linked from the model's patch_size).
+        text_ratio: fraction of documents that are text only.
+        image_first_ratio: fraction of image documents laid out image -> caption.
+        caption_dropout: fraction of caption -> image documents whose caption is dropped (CFG).
+        noise_limit: max diffusion timestep for image-first documents.
+        rows_per_epoch: length of the (randomly drawn) training epoch in rows.
+        val_rows: packed validation rows.
+        cond_gap_pairs: validation caption->image pairs for ``val/cond_gap``.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        data_dir: str = ".cache/shapes",
+        vae_path: str = "datamodules/shapes/pretrained_vae",
+        tokenizer_path: str | None = None,
+        bpe_vocab_size: PositiveInt = 512,
+        seed: int = 0,
+        image_size: PositiveInt = 32,
+        num_train: PositiveInt = 20000,
+        num_val: PositiveInt = 512,
+        seq_len: PositiveInt = 128,
+        batch_size: PositiveInt = 16,
+        patch_size: PositiveInt = 2,
+        text_ratio: ClosedUnitInterval = 0.25,
+        image_first_ratio: ClosedUnitInterval = 0.2,
+        caption_dropout: ClosedUnitInterval = 0.1,
+        noise_limit: PositiveInt = 500,
+        rows_per_epoch: PositiveInt = 1_000_000,
+        val_rows: PositiveInt = 64,
+        cond_gap_pairs: PositiveInt = 256,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.world = ShapesWorld(seed=seed, image_size=image_size)
+        try:
+            self.latent_shape: tuple[int, int, int] = tuple(vae_latent_shape(vae_path, image_size))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"data.vae_path: {e}") from None
+        C, h, w = self.latent_shape
+        if h % patch_size or w % patch_size:
+            raise ValueError(
+                f"model.patch_size={patch_size} must divide the latent grid {h}x{w} "
+                f"(image_size={image_size} through the VAE at {vae_path!r})"
+            )
+        self.patches_per_image = (h // patch_size) * (w // patch_size)
+        if tokenizer_path is not None:
+            try:
+                self.tokenizer = TextTokenizer.from_file(tokenizer_path)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"data.tokenizer_path: {e}") from None
+        else:
+            self.tokenizer = self._train_tokenizer()
+        self.latents: dict[str, torch.Tensor] = {}
+        self.samples: dict[str, list] = {}
+
+    # ---------------------------------------------------------------------- what the model is linked to
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return vars(self.tokenizer.special).copy()
+
+    # ------------------------------------------------------------------------------------------- caches
+    def _train_tokenizer(self) -> TextTokenizer:
+        hp = self.hparams
+        path = Path(hp.data_dir) / f"tokenizer-bpe{hp.bpe_vocab_size}-seed{hp.seed}.json"
+        if path.is_file():
+            return TextTokenizer.from_file(path)
+        rng = np.random.default_rng([hp.seed, 99])
+        corpus = [caption(sample_prompt(rng), rng) for _ in range(4000)]
+        corpus += [self.world.text("train", i) for i in range(4000)]
+        return TextTokenizer.train(corpus, hp.bpe_vocab_size, save_to=path)
+
+    def _cache_path(self, split: str, n: int) -> Path:
+        hp = self.hparams
+        weights = sorted(Path(hp.vae_path).glob("*.safetensors")) + sorted(Path(hp.vae_path).glob("config.json"))
+        digest = hashlib.sha1()
+        for f in weights:
+            digest.update(f.read_bytes())
+        key = f"{split}-n{n}-seed{hp.seed}-px{hp.image_size}-vae{digest.hexdigest()[:10]}"
+        return Path(hp.data_dir) / f"latents-{key}.pt"
+
+    def _split_size(self, split: str) -> int:
+        return self.hparams.num_train if split == "train" else self.hparams.num_val
+
+    def prepare_data(self) -> None:
+        """Render and encode each split once (rank 0); later runs load the cache."""
+        codec = None
+        for split in ("train", "val", "test"):
+            path = self._cache_path(split, self._split_size(split))
+            if path.is_file():
+                continue
+            codec = codec or LatentCodec.from_dir(self.hparams.vae_path)
+            samples = [self.world.sample(split, i) for i in range(self._split_size(split))]
+            latents = codec.encode(images_to_tensor(np.stack([s.image for s in samples])))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Prompts (not pixels) are kept: documents re-phrase the caption at every draw.
+            torch.save({"latents": latents.float().contiguous(), "prompts": [s.prompt for s in samples]}, path)
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in ("train", "val", "test"):
+            if split in self.latents:
+                continue
+            path = self._cache_path(split, self._split_size(split))
+            if not path.is_file():
+                self.prepare_data()
+            cached = torch.load(path, weights_only=False)  # our own cache file: latents + Prompt dataclasses
+            self.latents[split], self.samples[split] = cached["latents"], cached["prompts"]
+
+    # ---------------------------------------------------------------------------------------- documents
+    def image_document(self, split: str, index: int, rng: np.random.Generator, train_layouts: bool = True) -> Document:
+        """One image document for sample ``index`` of ``split``; layout drawn with ``rng``."""
+        hp, sp = self.hparams, self.tokenizer.special
+        latent = self.latents[split][index]
+        ids = self.tokenizer.encode(caption(self.samples[split][index], rng))
+        if train_layouts and rng.random() < hp.image_first_ratio:
+            return [Text([sp.bos]), Image(latent, t_max=hp.noise_limit), Text(ids + [sp.eos])]
+        if train_layouts and rng.random() < hp.caption_dropout:
+            return [Text([sp.bos], loss=False), Image(latent), Text([sp.eos])]
+        return [Text([sp.bos] + ids), Image(latent), Text([sp.eos])]
+
+    def text_document(self, split: str, index: int) -> Document:
+        sp = self.tokenizer.special
+        ids = self.tokenizer.encode(self.world.text(split, index))[: self.hparams.seq_len - 2]
+        return [Text([sp.bos] + ids + [sp.eos])]
+
+    def random_row(self, split: str, rng: np.random.Generator) -> list[Document]:
+        """Documents drawn at random until the row is full (three misses in a row end it)."""
+        hp = self.hparams
+        docs, used, misses = [], 0, 0
+        while misses < 3:
+            if rng.random() < hp.text_ratio:
+                doc = self.text_document(split, int(rng.integers(1 << 30)))
+            else:
+                doc = self.image_document(split, int(rng.integers(len(self.samples[split]))), rng)
+            n = document_length(doc, self.patches_per_image)
+            if used + n > hp.seq_len:
+                misses += 1
+                continue
+            docs.append(doc)
+            used += n
+        return docs
+
+    def cond_gap_pairs(self, split: str) -> list[tuple[Document, Document]]:
+        """(true caption, shuffled caption) caption->image documents for the first ``cond_gap_pairs`` images."""
+        n = min(self.hparams.cond_gap_pairs, len(self.samples[split]))
+        rng = np.random.default_rng([self.hparams.seed, _SPLIT_CODE[split], 7])
+        perm = (np.arange(n) + rng.integers(1, n)) % n  # a shift: no image keeps its own caption
+        true = [self.image_document(split, i, np.random.default_rng([i]), train_layouts=False) for i in range(n)]
+        pairs = []
+        for i in range(n):
+            other = true[perm[i]]
+            pairs.append((true[i], [other[0], true[i][1], other[2]]))
+        return pairs
+
+    # -------------------------------------------------------------------------------------- dataloaders
+    def _collate_rows(self, rows: list[list[Document]]):
+        sp = self.tokenizer.special
+        return pack_rows(rows, self.hparams.seq_len, self.hparams.patch_size, sp)
+
+    def _collate_pairs(self, pairs: list[tuple[Document, Document]]):
+        # One document per row keeps images in the same order in both batches.
+        n = max(document_length(d, self.patches_per_image) for pair in pairs for d in pair)
+        sp = self.tokenizer.special
+        return {
+            "true": pack_rows([[p[0]] for p in pairs], n, self.hparams.patch_size, sp),
+            "shuffled": pack_rows([[p[1]] for p in pairs], n, self.hparams.patch_size, sp),
+        }
+
+    def _loader(self, dataset, shuffle: bool, collate) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            dataset,
+            batch_size=hp.batch_size if collate == self._collate_rows else 64,
+            shuffle=shuffle,
+            collate_fn=collate,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(_Rows(self, "train", self.hparams.rows_per_epoch), True, self._collate_rows)
+
+    def _eval_loaders(self, split: str) -> list[DataLoader]:
+        return [
+            self._loader(_Rows(self, split, self.hparams.val_rows), False, self._collate_rows),
+            self._loader(self.cond_gap_pairs(split), False, self._collate_pairs),
+        ]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")
+
+
+class _Rows(Dataset):
+    """Row ``i`` of a split: a pure function of (seed, split, i), so any sampler/worker/rank sees the same row."""
+
+    def __init__(self, dm: ShapesDataModule, split: str, length: int):
+        self.dm, self.split, self.length = dm, split, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> list[Document]:
+        rng = np.random.default_rng([self.dm.hparams.seed, _SPLIT_CODE[self.split], 1, i])
+        return self.dm.random_row(self.split, rng)

@@ -1,0 +1,66 @@
+"""The Transfusion attention mask, one definition in two renderings.
+
+    allowed(q, k) = same_doc(q, k) and (k <= q or image_id[q] == image_id[k] != -1)
+
+Causal everywhere, bidirectional among the patches of one image, and no attention across the documents
+packed into one row. Pads (doc id -1) form one causal "document" of their own, so no row of the mask is
+empty (an all-False row would make softmax NaN).
+
+- :func:`dense_mask` gives a ``[B, 1, Lq, Lk]`` bool tensor for ``F.scaled_dot_product_attention``
+  (CPU, and any device as a fallback; memory O(L^2) per row).
+- :func:`block_mask` gives a flex-attention ``BlockMask`` (CUDA: sparse, skips fully-masked blocks).
+
+Both accept a key-side prefix (a KV cache): keys ``0..Lk-1`` and queries at the last ``Lq`` of them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def dense_mask(
+    doc_ids: Tensor, image_ids: Tensor, q_doc_ids: Tensor | None = None, q_image_ids: Tensor | None = None
+) -> Tensor:
+    """Boolean attention mask ``[B, 1, Lq, Lk]`` (True = may attend).
+
+    Args:
+        doc_ids, image_ids: ``[B, Lk]`` for all key positions (cache prefix + current positions).
+        q_doc_ids, q_image_ids: ``[B, Lq]`` for the queries, which are the LAST ``Lq`` key positions;
+            default: the queries are all positions (``Lq == Lk``).
+    """
+    if q_doc_ids is None:
+        q_doc_ids, q_image_ids = doc_ids, image_ids
+    Lq, Lk = q_doc_ids.shape[1], doc_ids.shape[1]
+    q_pos = torch.arange(Lk - Lq, Lk, device=doc_ids.device)[:, None]  # [Lq, 1]
+    k_pos = torch.arange(Lk, device=doc_ids.device)[None, :]  # [1, Lk]
+    same_doc = q_doc_ids[:, :, None] == doc_ids[:, None, :]  # [B, Lq, Lk]
+    same_image = (q_image_ids[:, :, None] == image_ids[:, None, :]) & (q_image_ids[:, :, None] >= 0)
+    return (same_doc & ((k_pos <= q_pos) | same_image))[:, None]
+
+
+def flex_mask_mod(doc_ids: Tensor, image_ids: Tensor, offset: int = 0):
+    """The rule as a flex-attention ``mask_mod(b, h, q, k)``; query ``q`` sits at key position ``q + offset``."""
+
+    def mask_mod(b, h, q, k):
+        qq = q + offset
+        same_doc = doc_ids[b, qq] == doc_ids[b, k]
+        same_image = (image_ids[b, qq] == image_ids[b, k]) & (image_ids[b, qq] >= 0)
+        return same_doc & ((k <= qq) | same_image)
+
+    return mask_mod
+
+
+def block_mask(doc_ids: Tensor, image_ids: Tensor, q_len: int | None = None, block_size: int = 128):
+    """Flex-attention ``BlockMask`` with the same rule as :func:`dense_mask`.
+
+    ``doc_ids``/``image_ids``: ``[B, Lk]``; queries are the last ``q_len`` positions (default all).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, Lk = doc_ids.shape
+    Lq = Lk if q_len is None else q_len
+    mask_mod = flex_mask_mod(doc_ids, image_ids, Lk - Lq)
+    return create_block_mask(
+        mask_mod, B, None, Lq, Lk, device=doc_ids.device, BLOCK_SIZE=block_size, _compile=doc_ids.is_cuda
+    )

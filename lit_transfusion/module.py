@@ -1,0 +1,230 @@
+"""TransfusionModule: the dual loss, optimizer and logging around ``TransfusionModel``.
+
+    loss = loss_text + λ · loss_image
+    loss_text  = mean next-token cross-entropy over positions with a target (see ``batch.py``)
+    loss_image = mean over images of the per-image mean squared error of the predicted noise
+
+Averaging the diffusion MSE per image first keeps λ meaning the same thing whatever the number of images
+(or patches) in a batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
+from torch import Tensor
+
+from lit_transfusion.attention import block_mask, dense_mask
+from lit_transfusion.batch import IGNORE, Batch
+from lit_transfusion.diffusion import Diffusion
+from lit_transfusion.model import SIZES, ModelConfig, TransfusionModel
+from lit_transfusion.transformer import TransformerConfig
+
+
+class TransfusionModule(L.LightningModule):
+    """Transfusion training.
+
+    Args:
+        vocab_size: text vocabulary size (linked from the datamodule).
+        special_ids: ids of <pad> <bos> <eos> <boi> <eoi> (linked from the datamodule).
+        latent_shape: (C, h, w) of an image latent (linked from the datamodule).
+        size: a named size from ``lit_transfusion.model.SIZES`` (e.g. tiny, 0.16B, 7B).
+        dim: override the size's width. n_layers: override its depth. n_heads: override its heads.
+        max_seq_len: longest position RoPE covers (>= the data's sequence length).
+        patch_size: latent patch side (divides the latent grid).
+        patcher: "linear" (t-embedding + linear) or "unet" (time-conditioned conv down/up blocks with skips).
+        unet_channels: base width of the unet patcher.
+        image_loss_weight: λ in loss = loss_text + λ·loss_image (paper: 5).
+        lr: peak learning rate. min_lr: final learning rate of the cosine decay. warmup_steps: linear warmup.
+        weight_decay: AdamW decoupled weight decay, applied to matrices only (not norms/biases/vectors).
+        betas: AdamW betas. eps: AdamW epsilon.
+        attention: "auto" (flex attention on CUDA, SDPA with a dense bool mask elsewhere), "sdpa" or "flex".
+        activation_checkpointing: recompute each block in backward to save memory.
+        cond_gap_timesteps: timesteps at which ``val/cond_gap`` compares true against shuffled captions.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        special_ids: dict[str, int],
+        latent_shape: tuple[int, int, int],
+        size: str = "tiny",
+        dim: PositiveInt | None = None,
+        n_layers: PositiveInt | None = None,
+        n_heads: PositiveInt | None = None,
+        max_seq_len: PositiveInt = 4096,
+        patch_size: PositiveInt = 2,
+        patcher: Literal["linear", "unet"] = "linear",
+        unet_channels: PositiveInt = 64,
+        image_loss_weight: NonNegativeFloat = 5.0,
+        lr: PositiveFloat = 3e-4,
+        min_lr: NonNegativeFloat = 1.5e-5,
+        warmup_steps: int = 4000,
+        weight_decay: NonNegativeFloat = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        attention: Literal["auto", "sdpa", "flex"] = "auto",
+        activation_checkpointing: bool = False,
+        cond_gap_timesteps: tuple[int, ...] = (250, 500, 750),
+    ):
+        super().__init__()
+        if size not in SIZES:
+            raise ValueError(f"model.size={size!r} is not a known size: expected one of {', '.join(SIZES)}")
+        if image_loss_weight < 0:  # typed NonNegativeFloat for the CLI; this guards direct Python use
+            raise ValueError(f"model.image_loss_weight={image_loss_weight}: λ must be >= 0")
+        self.save_hyperparameters()
+        shape = {**SIZES[size], **{k: v for k, v in dict(dim=dim, n_layers=n_layers, n_heads=n_heads).items() if v}}
+        try:
+            self.config = ModelConfig(
+                vocab_size=vocab_size,
+                latent_shape=tuple(latent_shape),
+                patch_size=patch_size,
+                patcher=patcher,
+                unet_channels=unet_channels,
+                transformer=TransformerConfig(
+                    **shape, max_seq_len=max_seq_len, activation_checkpointing=activation_checkpointing
+                ),
+            )
+        except ValueError as e:
+            raise ValueError(f"model.init_args: {e}") from None
+        self.special = special_ids
+        self.model = TransfusionModel(self.config)
+        self.diffusion = Diffusion()
+        self._cond_gap_sums: Tensor | None = None
+        self._step_start = 0.0
+
+    # ----------------------------------------------------------------------------------------- forward
+    def attention_mask(self, batch: Batch):
+        use_flex = self.hparams.attention == "flex" or (self.hparams.attention == "auto" and batch.tokens.is_cuda)
+        if use_flex:
+            return block_mask(batch.doc_ids, batch.image_ids)
+        return dense_mask(batch.doc_ids, batch.image_ids)
+
+    def losses(
+        self, batch: Batch, t: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """Noise every image, run the model once, and return the losses.
+
+        Args:
+            batch: a packed :class:`Batch`.
+            t: [N] timesteps to use; default: t ~ U{0, .., t_max-1} per image.
+            generator: makes t and the noise reproducible (validation).
+        Returns:
+            dict with ``loss``, ``loss_text``, ``loss_image`` (scalars) and ``mse_per_image`` [N].
+        """
+        latents = batch.latents.to(self.dtype)
+        if t is None:
+            t = self.diffusion.sample_timesteps(batch.t_max, generator)
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        noisy = self.diffusion.add_noise(latents, noise, t)
+        out = self.model(
+            batch.tokens, batch.positions, batch.image_ids, batch.patch_ids, self.attention_mask(batch), noisy, t
+        )
+        supervised = batch.targets != IGNORE  # [B, L]
+        if supervised.any():
+            logits = self.model.logits(out.hidden[supervised])  # [n_targets, V], only where a target exists
+            loss_text = F.cross_entropy(logits.float(), batch.targets[supervised])
+        else:
+            loss_text = out.hidden.sum() * 0.0
+        if batch.num_images:
+            mse_per_image = (out.eps.float() - noise.float()).pow(2).flatten(1).mean(1)  # [N]
+            loss_image = mse_per_image.mean()
+        else:
+            mse_per_image = noise.new_zeros(0)
+            loss_image = out.eps.sum() * 0.0
+        loss = loss_text + self.hparams.image_loss_weight * loss_image
+        return dict(loss=loss, loss_text=loss_text, loss_image=loss_image, mse_per_image=mse_per_image)
+
+    # ---------------------------------------------------------------------------------------- training
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        out = self.losses(batch)
+        n = batch.tokens.shape[0]
+        for k in ("loss", "loss_text", "loss_image"):
+            self.log(f"train/{k}", out[k], prog_bar=k == "loss", batch_size=n)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
+        return out["loss"]
+
+    def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
+        seconds = time.perf_counter() - self._step_start
+        tokens = int((batch.doc_ids >= 0).sum()) * self.trainer.world_size  # real (non-pad) positions
+        self.log("train/tokens_per_s", tokens / max(seconds, 1e-9), batch_size=1)
+
+    # -------------------------------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        # Per timestep: [sum MSE true captions, sum MSE shuffled captions, image count].
+        self._cond_gap_sums = torch.zeros(len(self.hparams.cond_gap_timesteps), 3, device=self.device)
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, batch_idx, dataloader_idx, "val")
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, batch_idx, dataloader_idx, "test")
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def _evaluate(self, batch, batch_idx: int, dataloader_idx: int, stage: str) -> None:
+        # Fixed seed per batch: t and noise are the same at every evaluation, so curves are comparable.
+        g = torch.Generator(device=self.device).manual_seed(batch_idx)
+        if isinstance(batch, Batch):
+            out = self.losses(batch, generator=g)
+            for k in ("loss", "loss_text", "loss_image"):
+                self.log(f"{stage}/{k}", out[k], batch_size=batch.tokens.shape[0], sync_dist=True,
+                         add_dataloader_idx=False)
+            return
+        # A (true captions, shuffled captions) pair of batches with the same images in the same order.
+        true, shuffled = batch["true"], batch["shuffled"]
+        for i, step in enumerate(self.hparams.cond_gap_timesteps):
+            t = torch.full((true.num_images,), step, dtype=torch.long, device=self.device)
+            g_true = torch.Generator(device=self.device).manual_seed(1000 * batch_idx + i)
+            g_shuf = torch.Generator(device=self.device).manual_seed(1000 * batch_idx + i)  # same noise
+            mse_true = self.losses(true, t=t, generator=g_true)["mse_per_image"]
+            mse_shuf = self.losses(shuffled, t=t, generator=g_shuf)["mse_per_image"]
+            self._cond_gap_sums[i] += torch.stack([mse_true.sum(), mse_shuf.sum(), mse_true.new_tensor(len(mse_true))])
+
+    def _log_cond_gap(self, stage: str) -> None:
+        sums = self.trainer.strategy.reduce(self._cond_gap_sums, reduce_op="sum")
+        if sums[:, 2].min() == 0:
+            return  # no caption->image pairs evaluated (no second dataloader)
+        mse_true, mse_shuf = sums[:, 0] / sums[:, 2], sums[:, 1] / sums[:, 2]
+        gap = ((mse_shuf - mse_true) / mse_shuf).mean()
+        self.log(f"{stage}/cond_gap", gap, sync_dist=False, rank_zero_only=False)
+        self.log(f"{stage}/mse_true_caption", mse_true.mean())
+        self.log(f"{stage}/mse_shuffled_caption", mse_shuf.mean())
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_cond_gap("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_cond_gap("test")
+
+    # --------------------------------------------------------------------------------------- optimizer
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(hp.warmup_steps, total // 2)
+        floor = hp.min_lr / hp.lr
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

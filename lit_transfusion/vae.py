@@ -1,0 +1,273 @@
+"""The image autoencoder (diffusers ``AutoencoderKL``): build, train in-project, export, load, encode/decode.
+
+Training (``VAEModule``) runs through the normal CLI::
+
+    python -m lit_transfusion fit --config configs/shapes/vae.yaml
+
+and ends by writing a diffusers directory (``config.json`` + ``diffusion_pytorch_model.safetensors``) whose
+config carries ``shift_factor`` / ``scaling_factor`` so that standardized latents have mean ≈ 0, std ≈ 1.
+The Transfusion side only ever uses the frozen ``LatentCodec`` loaded from such a directory.
+
+Conventions: images are float ``[N, 3, H, W]`` in ``[-1, 1]``; latents are ``[N, C, H/f, W/f]`` with
+``f = 2 ** (len(block_out_channels) - 1)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+# Nothing may download at run time; diffusers / huggingface_hub read this when they are imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from diffusers import AutoencoderKL  # noqa: E402
+from lightning.pytorch import LightningModule  # noqa: E402
+
+_CONFIG = "config.json"
+_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+# ----------------------------------------------------------------------------- image <-> tensor helpers
+def images_to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N, H, W, 3]`` (numpy or tensor) -> float32 ``[N, 3, H, W]`` in ``[-1, 1]``."""
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def tensor_to_images(x: torch.Tensor) -> np.ndarray:
+    """float ``[N, 3, H, W]`` in ``[-1, 1]`` -> uint8 numpy ``[N, H, W, 3]`` (clamped, rounded)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean per-image PSNR (dB) of ``[N, 3, H, W]`` tensors in ``[-1, 1]``, measured on the ``[0, 1]`` range."""
+    mse01 = ((x.clamp(-1, 1) - y) / 2).pow(2).flatten(1).mean(1)  # /2 maps a [-1,1] difference to [0,1]
+    return (10 * torch.log10(1.0 / mse01.clamp_min(1e-10))).mean()
+
+
+# ----------------------------------------------------------------------------- model construction
+def build_autoencoder(
+    image_size: int = 32,
+    block_out_channels: tuple[int, ...] | list[int] = (32, 64, 64),
+    layers_per_block: int = 1,
+    latent_channels: int = 4,
+    norm_num_groups: int = 32,
+) -> AutoencoderKL:
+    """A small ``AutoencoderKL`` (3 -> 3 channels) that downsamples by ``2 ** (len(block_out_channels) - 1)``.
+
+    The default (32, 64, 64) maps 32x32 images to 8x8x4 latents with ≈0.9M parameters.
+    """
+    n = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        latent_channels=latent_channels,
+        norm_num_groups=norm_num_groups,
+        sample_size=image_size,
+        # Placeholders until training measures the latent statistics (see VAEModule.export).
+        scaling_factor=1.0,
+        shift_factor=0.0,
+    )
+
+
+# ----------------------------------------------------------------------------- training
+class VAEModule(LightningModule):
+    """Trains an ``AutoencoderKL`` on images and exports it as a diffusers directory with latent scaling.
+
+    Args:
+        image_size: Side of the square training images (pixels).
+        block_out_channels: Channels per encoder/decoder block; the spatial downsampling factor is
+            ``2 ** (len(block_out_channels) - 1)``.
+        layers_per_block: ResNet layers per block.
+        latent_channels: Channels of the latent image.
+        norm_num_groups: GroupNorm groups (must divide every entry of ``block_out_channels``).
+        kl_weight: Weight of the KL(posterior || N(0, I)) term; tiny, so the latent is nearly deterministic
+            and its scale is fixed afterwards by ``scaling_factor`` rather than by the prior.
+        lr: Peak AdamW learning rate (linear warmup, then cosine decay to 10% over the planned steps).
+        warmup_steps: Linear warmup steps.
+        weight_decay: AdamW weight decay.
+        export_dir: Where ``on_fit_end`` writes the diffusers directory (``None``: no export).
+        stats_batches: Validation batches used to estimate the latent mean/std written into the config.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        block_out_channels: list[int] = [32, 64, 64],  # noqa: B006 (LightningCLI needs a plain default)
+        layers_per_block: int = 1,
+        latent_channels: int = 4,
+        norm_num_groups: int = 32,
+        kl_weight: float = 1e-6,
+        lr: float = 1e-3,
+        warmup_steps: int = 100,
+        weight_decay: float = 0.0,
+        export_dir: str | None = None,
+        stats_batches: int = 8,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.vae = build_autoencoder(image_size, block_out_channels, layers_per_block, latent_channels, norm_num_groups)
+
+    def _losses(self, x: torch.Tensor, sample: bool) -> tuple[torch.Tensor, ...]:
+        """x: [B, 3, H, W] -> (loss, recon, kl) scalars and the reconstruction x_hat [B, 3, H, W]."""
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.sample() if sample else posterior.mode()
+        x_hat = self.vae.decode(z).sample
+        # L1 + MSE: MSE is what PSNR measures, but its gradient vanishes as errors shrink; L1 keeps pushing
+        # small residuals (flat colour regions, sharp shape edges) towards zero, which trains faster here.
+        recon = F.l1_loss(x_hat, x) + F.mse_loss(x_hat, x)
+        kl = posterior.kl().mean() / x[0].numel()  # per-pixel scale, so kl_weight is resolution independent
+        return recon + self.hparams.kl_weight * kl, recon, kl, x_hat
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss, recon, kl, _ = self._losses(batch, sample=True)
+        self.log_dict({"train/loss": loss, "train/recon": recon, "train/kl": kl}, prog_bar=False)
+        self.log("loss", loss, prog_bar=True, logger=False)
+        return loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        loss, _, _, x_hat = self._losses(batch, sample=False)
+        self.log("val/loss", loss, sync_dist=True)
+        self.log("val/psnr", psnr(x_hat, batch), prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
+        warm = max(1, self.hparams.warmup_steps)
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            if not math.isfinite(total):  # unbounded run (e.g. max_time only): constant after warmup
+                return 1.0
+            t = min(1.0, (step - warm) / max(1, total - warm))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @torch.no_grad()
+    def latent_stats(self, loader, max_batches: int) -> tuple[float, float, float]:
+        """(mean, std, psnr) of posterior means / reconstructions over up to ``max_batches`` batches."""
+        was_training = self.vae.training
+        self.vae.eval()
+        s = s2 = n = 0.0
+        psnrs = []
+        for i, x in enumerate(loader):
+            if i >= max_batches:
+                break
+            x = x.to(self.device)
+            z = self.vae.encode(x).latent_dist.mode().double()
+            s, s2, n = s + z.sum().item(), s2 + z.pow(2).sum().item(), n + z.numel()
+            psnrs.append(psnr(self.vae.decode(z.float()).sample, x).item())
+        self.vae.train(was_training)
+        mean = s / n
+        return mean, math.sqrt(max(s2 / n - mean**2, 1e-12)), float(np.mean(psnrs))
+
+    def export(self, export_dir: str | Path, loader) -> dict:
+        """Measure latent statistics on ``loader``, store them in the config and ``save_pretrained``."""
+        mean, std, val_psnr = self.latent_stats(loader, self.hparams.stats_batches)
+        # Standardized latent = (z - shift_factor) * scaling_factor has mean 0, std 1 (see LatentCodec).
+        self.vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
+        self.vae.save_pretrained(str(export_dir))
+        return {"latent_mean": mean, "latent_std": std, "val_psnr": val_psnr}
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_dir is None or not self.trainer.is_global_zero:
+            return
+        dm = self.trainer.datamodule
+        loader = dm.val_dataloader() if dm is not None else self.trainer.val_dataloaders
+        stats = self.export(self.hparams.export_dir, loader)
+        print(
+            f"VAE exported to {self.hparams.export_dir}: val PSNR {stats['val_psnr']:.2f} dB, "
+            f"latent mean {stats['latent_mean']:.4f}, std {stats['latent_std']:.4f}"
+        )
+
+
+# ----------------------------------------------------------------------------- frozen codec for Transfusion
+def _missing(path: Path, what: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"VAE directory {str(path)!r} {what}. Expected a VAE directory written by "
+        "`python -m lit_transfusion fit --config configs/shapes/vae.yaml` "
+        "(or any diffusers AutoencoderKL directory with config.json and diffusion_pytorch_model.safetensors)."
+    )
+
+
+def _read_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise _missing(path, "does not exist")
+    if not (path / _CONFIG).is_file():
+        raise _missing(path, f"has no {_CONFIG}")
+    return json.loads((path / _CONFIG).read_text())
+
+
+def vae_latent_shape(path: str | Path, image_size: int) -> tuple[int, int, int]:
+    """``(C, h, w)`` of the latents of ``image_size`` images, read from ``config.json`` only (cheap)."""
+    cfg = _read_config(path)
+    f = 2 ** (len(cfg["block_out_channels"]) - 1)
+    return (int(cfg["latent_channels"]), image_size // f, image_size // f)
+
+
+class LatentCodec(torch.nn.Module):
+    """Frozen ``AutoencoderKL`` that maps images <-> standardized latents (mean ≈ 0, std ≈ 1)."""
+
+    def __init__(self, vae: AutoencoderKL) -> None:
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        cfg = vae.config
+        self.shift = float(cfg.shift_factor or 0.0)  # generic diffusers VAEs may have no shift
+        self.scale = float(cfg.scaling_factor)
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> LatentCodec:
+        path = Path(path)
+        _read_config(path)
+        if not any((path / w).is_file() for w in _WEIGHTS):
+            raise _missing(path, f"has no weights ({_WEIGHTS[0]})")
+        return cls(AutoencoderKL.from_pretrained(str(path)))
+
+    def train(self, mode: bool = True) -> LatentCodec:
+        return super().train(False)  # always frozen: GroupNorm has no running stats, but keep eval semantics
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        f = self.downsample_factor
+        return (self.latent_channels, image_size // f, image_size // f)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """``[N, 3, H, W]`` in ``[-1, 1]`` -> standardized posterior means ``[N, C, H/f, W/f]``."""
+        device = next(self.vae.parameters()).device
+        out = [
+            (self.vae.encode(x.to(device).float()).latent_dist.mode() - self.shift) * self.scale
+            for x in images.split(batch_size)
+        ]
+        return torch.cat(out).to(images.device)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Standardized latents ``[N, C, h, w]`` -> images ``[N, 3, h*f, w*f]`` in ``[-1, 1]``."""
+        device = next(self.vae.parameters()).device
+        out = [
+            self.vae.decode(z.to(device).float() / self.scale + self.shift).sample.clamp(-1, 1)
+            for z in latents.split(batch_size)
+        ]
+        return torch.cat(out).to(latents.device)

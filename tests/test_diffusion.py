@@ -1,0 +1,41 @@
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from lit_transfusion.diffusion import SAMPLERS, Diffusion
+
+
+def test_add_noise_matches_diffusers_per_image():
+    d = Diffusion()
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(7, 4, 8, 8, generator=g), torch.randn(7, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 1, 10, 250, 500, 750, 999])
+    got = d.add_noise(x0, noise, t)
+    for i in range(7):  # diffusers one image at a time: each with its own t
+        want = ref.add_noise(x0[i : i + 1], noise[i : i + 1], t[i : i + 1])
+        torch.testing.assert_close(got[i : i + 1], want, rtol=1e-5, atol=1e-5)
+    # and batched with the same t for all, diffusers' own batched call
+    t_all = torch.full((7,), 400)
+    torch.testing.assert_close(d.add_noise(x0, noise, t_all), ref.add_noise(x0, noise, t_all), rtol=1e-5, atol=1e-5)
+
+
+def test_timesteps_respect_per_image_cap():
+    d = Diffusion()
+    t_max = torch.tensor([1000, 500] * 2000)
+    t = d.sample_timesteps(t_max, torch.Generator().manual_seed(0))
+    assert t.min() >= 0 and t[0::2].max() <= 999 and t[1::2].max() <= 499
+    assert t[0::2].max() > 900 and t[1::2].max() > 450  # covers the range
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_samplers_are_fresh_and_never_clip(name):
+    d = Diffusion()
+    a, b = d.sampler(name, 20), d.sampler(name, 20)
+    assert a is not b and len(a.timesteps) == 20
+    assert not getattr(a.config, "clip_sample", False)
+
+
+def test_unknown_sampler():
+    with pytest.raises(ValueError, match="unknown scheduler 'euler'"):
+        Diffusion().sampler("euler")

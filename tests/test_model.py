@@ -1,0 +1,114 @@
+"""Model + dual loss on hand-built batches: routing, per-image averaging, isolation between documents."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lit_transfusion.batch import IGNORE, Image, Text, pack_rows
+from lit_transfusion.model import SIZES, ModelConfig, TransfusionModel
+from lit_transfusion.module import TransfusionModule
+from tests.conftest import SPECIAL
+
+BOS, EOS = SPECIAL.bos, SPECIAL.eos
+
+
+def make_module(patcher="linear", **kw):
+    torch.manual_seed(0)
+    return TransfusionModule(
+        vocab_size=32, special_ids=vars(SPECIAL), latent_shape=(4, 4, 4), size="nano", patcher=patcher,
+        max_seq_len=128, **kw,
+    )
+
+
+def image_docs(n=3):
+    g = torch.Generator().manual_seed(1)
+    return [[Text([BOS, 7 + i, 8]), Image(torch.randn(4, 4, 4, generator=g)), Text([EOS])] for i in range(n)]
+
+
+@pytest.mark.parametrize("patcher", ["linear", "unet"])
+def test_losses_match_manual_computation(patcher):
+    m = make_module(patcher).eval()
+    b = pack_rows([image_docs(2), [[Text([BOS, 5, 6, 9, EOS])]]], 32, 2, SPECIAL)
+    t = torch.tensor([100, 700])
+    g = torch.Generator().manual_seed(3)
+    out = m.losses(b, t=t, generator=g)
+    # Recompute by hand with the same noise.
+    noise = torch.randn(b.latents.shape, generator=torch.Generator().manual_seed(3))
+    noisy = m.diffusion.add_noise(b.latents, noise, t)
+    o = m.model(b.tokens, b.positions, b.image_ids, b.patch_ids, m.attention_mask(b), noisy, t)
+    sup = b.targets != IGNORE
+    ce = F.cross_entropy(m.model.logits(o.hidden)[sup], b.targets[sup])
+    per_image = torch.stack([F.mse_loss(o.eps[i], noise[i]) for i in range(2)])
+    torch.testing.assert_close(out["loss_text"], ce)
+    torch.testing.assert_close(out["mse_per_image"], per_image)
+    torch.testing.assert_close(out["loss_image"], per_image.mean())
+    torch.testing.assert_close(out["loss"], ce + 5.0 * per_image.mean())
+
+
+def test_image_loss_does_not_depend_on_text_in_batch():
+    """Per-image averaging: adding text documents (other rows or the same row) leaves loss_image unchanged."""
+    m = make_module().eval()
+    docs = image_docs(3)
+    t = torch.tensor([50, 400, 900])
+    alone = m.losses(pack_rows([docs], 48, 2, SPECIAL), t=t, generator=torch.Generator().manual_seed(0))
+    padded_rows = [[[Text([BOS] + [5] * 9 + [EOS])]] + docs, [[Text([BOS] + [6] * 30 + [EOS])]]]
+    mixed = m.losses(pack_rows(padded_rows, 64, 2, SPECIAL), t=t, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(alone["loss_image"], mixed["loss_image"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(alone["mse_per_image"], mixed["mse_per_image"], rtol=1e-4, atol=1e-5)
+
+
+def test_documents_are_isolated_and_causal():
+    """Changing a later document, or a later token, changes nothing before it in another doc."""
+    m = make_module().eval()
+    docs = image_docs(2)
+    b1 = pack_rows([docs], 32, 2, SPECIAL)
+    other = [[Text([BOS, 20, 21]), Image(torch.zeros(4, 4, 4)), Text([EOS])]]
+    b2 = pack_rows([[docs[0]] + other], 32, 2, SPECIAL)
+    t = torch.tensor([300, 300])
+    h1 = m.model(b1.tokens, b1.positions, b1.image_ids, b1.patch_ids, m.attention_mask(b1), b1.latents, t)
+    h2 = m.model(b2.tokens, b2.positions, b2.image_ids, b2.patch_ids, m.attention_mask(b2), b2.latents, t)
+    n0 = 3 + 6 + 1  # first document's positions
+    torch.testing.assert_close(h1.hidden[0, :n0], h2.hidden[0, :n0])
+    torch.testing.assert_close(h1.eps[0], h2.eps[0])
+    assert not torch.allclose(h1.hidden[0, n0:2 * n0], h2.hidden[0, n0:2 * n0])
+
+
+def test_patches_see_each_other_bidirectionally_and_have_positions():
+    m = make_module().eval()
+    doc = [Text([BOS, 9]), Image(torch.randn(4, 4, 4, generator=torch.Generator().manual_seed(0))), Text([EOS])]
+    b = pack_rows([[doc]], 16, 2, SPECIAL)
+    t = torch.tensor([500])
+    base = m.model(b.tokens, b.positions, b.image_ids, b.patch_ids, m.attention_mask(b), b.latents, t).hidden
+    lat = b.latents.clone()
+    lat[0, :, 2:, 2:] += 1.0  # change the LAST patch (raster order) only
+    moved = m.model(b.tokens, b.positions, b.image_ids, b.patch_ids, m.attention_mask(b), lat, t).hidden
+    first_patch = 3  # <bos> 9 <boi> p0 ...
+    assert not torch.allclose(base[0, first_patch], moved[0, first_patch]), "earlier patch must see a later one"
+    # 2-D position signal: identical patch contents at different grid cells give different hidden states.
+    same = torch.ones(1, 4, 4, 4)
+    h = m.model(b.tokens, b.positions, b.image_ids, b.patch_ids, m.attention_mask(b), same, t).hidden
+    patches = h[0, 3:7]
+    assert torch.cdist(patches, patches).fill_diagonal_(1.0).min() > 1e-3
+
+
+def test_size_registry_matches_paper():
+    paper = {"0.16B": (16, 768, 12), "0.37B": (24, 1024, 16), "0.76B": (24, 1536, 24), "1.4B": (24, 2048, 16), "7B": (32, 4096, 32)}
+    for name, (layers, dim, heads) in paper.items():
+        assert SIZES[name] == dict(n_layers=layers, dim=dim, n_heads=heads)
+
+
+def test_config_errors_name_the_setting():
+    with pytest.raises(ValueError, match="patch_size=3"):
+        ModelConfig(vocab_size=8, latent_shape=(4, 8, 8), patch_size=3)
+    with pytest.raises(ValueError, match="image_loss_weight"):
+        make_module(image_loss_weight=-1.0)
+    with pytest.raises(ValueError, match="model.size"):
+        TransfusionModule(vocab_size=8, special_ids=vars(SPECIAL), latent_shape=(4, 4, 4), size="huge")
+    with pytest.raises(ValueError, match="patch_size"):
+        make_module(patch_size=3)
+
+
+def test_model_param_count_for_tiny():
+    cfg = ModelConfig(vocab_size=512, latent_shape=(4, 8, 8))
+    n = TransfusionModel(cfg).num_params()
+    assert 3.0e6 < n < 4.0e6  # the ~3.4M tiny model
