@@ -55,14 +55,21 @@ def _configured_model_class(argv: list[str]) -> str:
     return found
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_cli(argv: list[str] | None = None, run: bool = True) -> LightningCLI:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and build the CLI; ``run=False`` parses a bare config
+    (no subcommand) and only instantiates the model, datamodule and trainer (benchmarks, notebooks)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cli_class = LightningCLI if _configured_model_class(argv).endswith("VAEModule") else TransfusionCLI
-    cli_class(
+    return cli_class(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=argv,
+        run=run,
         save_config_kwargs={"overwrite": True},
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    build_cli(argv)

@@ -1,0 +1,29 @@
+# Each target creates (or reuses) the virtual environment it needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+
+.PHONY: venv train test test-all bench clean-cache
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+train: $(STAMP)  ## the main job: Transfusion on the embedded shapes world (~15 min on 2 CPU cores)
+	$(PY) -m lit_transfusion fit --config configs/shapes/tiny.yaml
+
+test: $(STAMP)  ## fast tests (a few minutes)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)  ## every test, slow ones included
+	$(PY) -m pytest -q
+
+bench: $(STAMP)  ## training step time, tokens/s, peak RSS, MFU for the tiny config
+	$(PY) benchmarks/train_step.py --config configs/shapes/tiny.yaml
+
+clean-cache:  ## drop cached tokenizer/latents (they are rebuilt on the next run)
+	rm -rf .cache

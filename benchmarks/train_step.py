@@ -1,0 +1,107 @@
+"""Training-step benchmark: step time, tokens/s, peak RSS and model FLOPs utilisation (MFU).
+
+    python benchmarks/train_step.py --config configs/shapes/tiny.yaml [--steps 30] [--override ...]
+
+FLOPs of one optimizer step (forward + backward) are counted with ``torch.utils.flop_counter.FlopCounterMode``;
+the "peak" is the FLOP/s of a large fp32 matmul measured in the same process, so MFU is a ratio of two numbers
+taken on the same machine at the same time (this is what makes it comparable across noisy runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from lit_transfusion.cli import build_cli  # noqa: E402
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10, device: str = "cpu", dtype=torch.float32) -> float:
+    """Best-of FLOP/s of an ``n×n @ n×n`` matmul (2·n³ FLOPs)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/shapes/tiny.yaml")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps (after 3 warm-up steps)")
+    ap.add_argument("overrides", nargs="*", help="extra CLI arguments, e.g. --model.init_args.patcher=unet")
+    args = ap.parse_args()
+
+    cli = build_cli(["--config", args.config, "--trainer.logger=false", *args.overrides], run=False)
+    module, dm = cli.model, cli.datamodule
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module.to(device).train()
+    dm.prepare_data()
+    dm.setup("fit")
+    loader = iter(dm.train_dataloader())
+    batches = [next(loader).to(device) for _ in range(args.steps + 3)]
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+
+    def step(batch):
+        out = module.losses(batch)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+
+    with FlopCounterMode(display=False) as counter:
+        out = module.losses(batches[0])
+        out["loss"].backward()
+    flops_per_step = counter.get_total_flops()
+    opt.zero_grad(set_to_none=True)
+
+    for b in batches[:3]:
+        step(b)
+    times = []
+    for b in batches[3:]:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+
+    peak = matmul_peak(device=device)
+    sec = statistics.median(times)
+    tokens = statistics.mean(int((b.doc_ids >= 0).sum()) for b in batches)
+    images = statistics.mean(b.num_images for b in batches)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    n_params = sum(p.numel() for p in module.parameters())
+    print(f"config           {args.config} {' '.join(args.overrides)}")
+    print(f"device           {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"params           {n_params / 1e6:.2f} M")
+    print(f"batch            {batches[0].tokens.shape[0]} rows x {batches[0].tokens.shape[1]} positions, "
+          f"{tokens:.0f} real tokens, {images:.1f} images")
+    print(f"step time        {sec * 1000:.0f} ms (median of {len(times)}; min {min(times) * 1000:.0f}, max {max(times) * 1000:.0f})")
+    print(f"tokens/s         {tokens / sec:,.0f}")
+    print(f"images/s         {images / sec:,.1f}")
+    print(f"FLOPs/step       {flops_per_step / 1e9:.2f} GFLOP (forward + backward)")
+    print(f"achieved         {flops_per_step / sec / 1e9:.1f} GFLOP/s")
+    print(f"matmul peak      {peak / 1e9:.1f} GFLOP/s (2048^2 fp32, same process)")
+    print(f"MFU              {flops_per_step / sec / peak:.2f}")
+    print(f"peak RSS         {rss_mb:,.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

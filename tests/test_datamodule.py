@@ -1,0 +1,82 @@
+"""The shapes datamodule: packed rows, document mix, caption/image layouts, cond-gap pairs, caching."""
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.shapes import ShapesDataModule
+from lit_transfusion.batch import IGNORE, Image, Text
+
+
+@pytest.fixture(scope="module")
+def dm(tmp_path_factory):
+    d = ShapesDataModule(data_dir=str(tmp_path_factory.mktemp("cache")), num_train=96, num_val=48,
+                         cond_gap_pairs=32, val_rows=4, batch_size=4)
+    d.prepare_data()
+    d.setup("fit")
+    return d
+
+
+def test_linked_values(dm):
+    assert dm.latent_shape == (4, 8, 8)
+    assert dm.vocab_size > 256 and set(dm.special_ids) == {"pad", "bos", "eos", "boi", "eoi"}
+    assert dm.latents["train"].shape == (96, 4, 8, 8)
+    # standardized latents (the VAE's shift/scale): roughly zero mean, unit std
+    assert abs(dm.latents["train"].mean()) < 0.25 and 0.7 < dm.latents["train"].std() < 1.3
+
+
+def test_rows_are_deterministic_and_full(dm):
+    ds = dm.train_dataloader().dataset
+    a, b = dm._collate_rows([ds[3], ds[4]]), dm._collate_rows([ds[3], ds[4]])
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.latents, b.latents)
+    fill = torch.stack([(dm._collate_rows([ds[i]]).doc_ids >= 0).float().mean() for i in range(40)])
+    assert fill.mean() > 0.8, f"rows should be mostly full, got {fill.mean():.2f}"
+
+
+def test_document_mix_matches_ratios(dm):
+    rng = np.random.default_rng(0)
+    kinds = {"text": 0, "caption_first": 0, "image_first": 0, "null_caption": 0}
+    for _ in range(300):
+        for doc in dm.random_row("train", rng):
+            if len(doc) == 1:
+                kinds["text"] += 1
+            elif isinstance(doc[1], Image) and doc[1].t_max == dm.hparams.noise_limit:
+                kinds["image_first"] += 1
+                assert doc[0].ids == [dm.tokenizer.special.bos] and len(doc[2].ids) > 1
+            elif not doc[0].loss:
+                kinds["null_caption"] += 1
+                assert doc[0].ids == [dm.tokenizer.special.bos] and doc[2].ids == [dm.tokenizer.special.eos]
+            else:
+                kinds["caption_first"] += 1
+                assert len(doc[0].ids) > 1 and doc[1].t_max == 1000
+    n_img = kinds["caption_first"] + kinds["image_first"] + kinds["null_caption"]
+    text_frac = kinds["text"] / (kinds["text"] + n_img)
+    # text docs are longer, so fewer fit per row than drawn: their share of documents is below text_ratio
+    assert 0.05 < text_frac < 0.3
+    assert abs(kinds["image_first"] / n_img - 0.2) < 0.05
+    assert abs(kinds["null_caption"] / n_img - 0.08) < 0.04
+
+
+def test_cond_gap_pairs_share_images_but_not_captions(dm):
+    batch = next(iter(dm.val_dataloader()[1]))
+    true, shuffled = batch["true"], batch["shuffled"]
+    assert torch.equal(true.latents, shuffled.latents)
+    cap = lambda b, i: b.tokens[i][: (b.tokens[i] == dm.tokenizer.special.boi).nonzero()[0, 0]].tolist()  # noqa: E731
+    different = sum(cap(true, i) != cap(shuffled, i) for i in range(true.tokens.shape[0]))
+    assert different >= 0.7 * true.tokens.shape[0]
+    assert (true.targets != IGNORE).any()
+
+
+def test_caption_tokens_decode_to_the_prompt(dm):
+    doc = dm.image_document("val", 0, np.random.default_rng(0), train_layouts=False)
+    text = dm.tokenizer.decode(doc[0].ids)
+    for item in dm.samples["val"][0].items:
+        assert item.shape[:4] in text  # "circle", "squares", ...
+
+
+def test_latent_cache_reused(dm, tmp_path):
+    path = dm._cache_path("train", 96)
+    assert path.is_file()
+    again = ShapesDataModule(data_dir=dm.hparams.data_dir, num_train=96, num_val=48)
+    again.setup("fit")
+    assert torch.equal(again.latents["train"], dm.latents["train"])
