@@ -45,18 +45,16 @@ class TransformerConfig:
 
 
 def rope_table(head_dim: int, max_len: int, theta: float) -> Tensor:
-    """``[max_len, head_dim // 2, 2]`` (cos, sin) of the rotation angle for each position and frequency."""
+    """``[max_len, head_dim // 2]`` complex rotations e^{i·pos·freq} for each position and frequency."""
     freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """Rotate pairs of channels. x: [B, H, L, Dh]; rope: [B, L, Dh/2, 2] (gathered at each position)."""
-    x2 = x.float().unflatten(-1, (-1, 2))  # [B, H, L, Dh/2, 2]
-    cos, sin = rope[:, None, :, :, 0], rope[:, None, :, :, 1]  # [B, 1, L, Dh/2]
-    out = torch.stack([x2[..., 0] * cos - x2[..., 1] * sin, x2[..., 0] * sin + x2[..., 1] * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+    """Rotate channel pairs. x: [B, H, L, Dh]; rope: [B, L, Dh/2] complex (gathered at each position)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, H, L, Dh/2]
+    return torch.view_as_real(pairs * rope[:, None]).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -135,7 +133,7 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"position {int(positions.max())} is past the model's max_seq_len={self.cfg.max_seq_len}"
             )
-        rope = self.rope[positions]  # [B, L, Dh/2, 2]
+        rope = self.rope[positions]  # [B, L, Dh/2] complex
         new_kv: list[KV] = []
         for i, block in enumerate(self.blocks):
             layer_past = None if past is None else past[i]

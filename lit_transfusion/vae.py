@@ -235,7 +235,7 @@ class LatentCodec(torch.nn.Module):
         _read_config(path)
         if not any((path / w).is_file() for w in _WEIGHTS):
             raise _missing(path, f"has no weights ({_WEIGHTS[0]})")
-        return cls(AutoencoderKL.from_pretrained(str(path)))
+        return cls(AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=False))  # no `accelerate` warning
 
     def train(self, mode: bool = True) -> LatentCodec:
         return super().train(False)  # always frozen: GroupNorm has no running stats, but keep eval semantics

@@ -1,0 +1,299 @@
+"""Generation from a TransfusionModel: KV-cached text decoding, prefix-cached image denoising with
+classifier-free guidance, mixed text -> image -> text output, and captioning.
+
+One sequence state per batch row, kept as full tensors (tokens, positions, doc/image ids, images so far),
+plus a per-layer KV cache of everything already written. Every forward goes through :meth:`_run`, which
+either attends the new positions against the cache (fast path) or recomputes the whole sequence
+(``use_cache=False``, the reference the tests compare against).
+
+Rows are left-padded so every row's newest position is the last column; pads form their own "document"
+(doc id -1), which the mask keeps invisible to real positions.
+
+Image generation (paper, sec. 3 / DESIGN.md): on ``<boi>``, N noise patches are appended and denoised with
+a fresh diffusers scheduler; each step runs ONLY the patch positions against the cached prefix (their
+keys/values are not written: they change every step). After the last step the clean latent is run once at
+t = 0 and written to the cache, ``<eoi>`` is appended, and decoding continues in text mode.
+Guidance runs cond and uncond rows in one batch; the uncond row's prefix is the null caption ``<bos>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lit_transfusion.attention import dense_mask
+from lit_transfusion.batch import Image, SpecialIds, Text, pack_rows
+from lit_transfusion.diffusion import SAMPLERS, Diffusion
+from lit_transfusion.model import TransfusionModel
+
+
+@dataclass
+class SamplingConfig:
+    """How to sample.
+
+    Attributes:
+        max_new_tokens: text tokens to generate at most (per text phase).
+        temperature: 0 = greedy. top_k: keep the k most likely tokens (0 = all). top_p: nucleus mass (1 = all).
+        scheduler: one of ddpm, ddim, dpm++. steps: denoising steps (paper: 250 DDPM).
+        guidance_scale: classifier-free guidance s (1 = no guidance, conditional only).
+        seed: makes noise and token sampling reproducible.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    scheduler: str = "ddpm"
+    steps: int = 250
+    guidance_scale: float = 3.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SAMPLERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}: expected one of {', '.join(SAMPLERS)}")
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps}: expected >= 1")
+        if self.guidance_scale < 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("guidance_scale and temperature must be >= 0 and top_p in (0, 1]")
+
+
+@dataclass
+class State:
+    """Sequences of B rows so far (left-padded). All [B, L] unless said otherwise."""
+
+    tokens: Tensor
+    positions: Tensor
+    doc_ids: Tensor  # 0 for real positions, -1 for left padding
+    image_ids: Tensor
+    patch_ids: Tensor
+    latents: Tensor  # [N, C, h, w] clean latents of images already in the sequences
+    kv: list | None = None  # per-layer (k, v) [B, H, L, Dh] of every position, or None (no cache)
+    images: list = field(default_factory=list)  # per row: list of generated latents
+
+    @property
+    def next_pos(self) -> Tensor:
+        """[B] RoPE position of each row's next token."""
+        return self.positions[:, -1] + 1
+
+
+class TransfusionSampler:
+    """Samples text and images from a model. ``use_cache=False`` recomputes everything at every step.
+
+    Args:
+        model: a TransfusionModel (put in eval mode here).
+        diffusion: the training Diffusion (for its scheduler config).
+        special: special token ids.
+    """
+
+    def __init__(self, model: TransfusionModel, diffusion: Diffusion, special: SpecialIds, use_cache: bool = True):
+        self.model, self.diffusion, self.special, self.use_cache = model.eval(), diffusion, special, use_cache
+        self.cfg = model.cfg
+        self.max_len = model.cfg.transformer.max_seq_len
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------------------------ sequence state
+    def start(self, prompts: list[list]) -> tuple[State, Tensor]:
+        """Prefill B prompts (each a list of Text / Image segments; images are fed clean, t = 0).
+        Returns the state and the hidden state of each row's last position [B, D]."""
+        docs = [[seg if isinstance(seg, (Text, Image)) else Text(list(seg)) for seg in p] for p in prompts]
+        lens = [sum(len(s.ids) if isinstance(s, Text) else self.cfg.patches_per_image + 2 for s in d) for d in docs]
+        L = max(lens)
+        self._check_room(L)
+        b = pack_rows([[d] for d in docs], L, self.cfg.patch_size, self.special).to(self.device)
+        # Left-pad: roll each row so its last real position sits in the last column.
+        shift = torch.tensor([L - n for n in lens], device=self.device)
+        idx = (torch.arange(L, device=self.device)[None] - shift[:, None]) % L
+        roll = lambda x: x.gather(1, idx)  # noqa: E731
+        state = State(
+            tokens=roll(b.tokens), positions=roll(b.positions), doc_ids=roll(b.doc_ids),
+            image_ids=roll(b.image_ids), patch_ids=roll(b.patch_ids), latents=b.latents.to(self.device),
+            images=[[] for _ in docs],
+        )
+        if b.num_images == 0:
+            state.latents = torch.zeros((0, *self.cfg.latent_shape), device=self.device)
+        hidden, _ = self._run(state, state, append=True, t=torch.zeros(state.latents.shape[0], dtype=torch.long, device=self.device))
+        return state, hidden[:, -1]
+
+    def _check_room(self, length: int) -> None:
+        if length > self.max_len:
+            raise ValueError(
+                f"the sequence would reach {length} positions, past the model's max_seq_len={self.max_len}: "
+                "shorten the prompt or lower max_new_tokens"
+            )
+
+    def _extend(self, state: State, tokens: Tensor, image_ids: Tensor, patch_ids: Tensor) -> State:
+        """A state holding only the new positions [B, n] (continuing each row's positions)."""
+        n = tokens.shape[1]
+        self._check_room(int(state.next_pos.max()) + n)
+        return State(
+            tokens=tokens,
+            positions=state.next_pos[:, None] + torch.arange(n, device=self.device),
+            doc_ids=torch.zeros_like(tokens),
+            image_ids=image_ids,
+            patch_ids=patch_ids,
+            latents=state.latents,
+        )
+
+    @torch.no_grad()
+    def _run(self, state: State, new: State, append: bool, latents: Tensor | None = None, t: Tensor | None = None):
+        """Forward the positions of ``new`` after those of ``state``.
+
+        If ``new is state`` this is a prefill of the whole state. ``latents``/``t``: [N, C, h, w] / [N] for
+        ALL images referenced by ``state`` and ``new`` (default: the state's clean latents at t = 0).
+        Returns (hidden [B, n, D], eps [N, C, h, w]); with ``append`` the new positions join the state.
+        """
+        prefill = new is state
+        if latents is None:
+            latents = state.latents
+            t = torch.zeros(latents.shape[0], dtype=torch.long, device=self.device)
+        if prefill or not self.use_cache:
+            full = state if prefill else _cat(state, new)
+            mask = dense_mask(full.doc_ids, full.image_ids)
+            out = self.model(full.tokens, full.positions, full.image_ids, full.patch_ids, mask, latents, t)
+            n = new.tokens.shape[1]
+            hidden, kv = out.hidden[:, -n:], [(k[:, :, -n:], v[:, :, -n:]) for k, v in out.kv]
+        else:
+            mask = dense_mask(
+                torch.cat([state.doc_ids, new.doc_ids], 1), torch.cat([state.image_ids, new.image_ids], 1),
+                new.doc_ids, new.image_ids,
+            )
+            out = self.model(new.tokens, new.positions, new.image_ids, new.patch_ids, mask, latents, t, past=state.kv)
+            hidden, kv = out.hidden, out.kv
+        if append:
+            if not prefill:
+                for name in ("tokens", "positions", "doc_ids", "image_ids", "patch_ids"):
+                    setattr(state, name, torch.cat([getattr(state, name), getattr(new, name)], 1))
+            if self.use_cache:
+                state.kv = kv if state.kv is None or prefill else [
+                    (torch.cat([k0, k1], 2), torch.cat([v0, v1], 2)) for (k0, v0), (k1, v1) in zip(state.kv, kv)
+                ]
+        return hidden, out.eps
+
+    # ------------------------------------------------------------------------------------------- text
+    def _pick(self, logits: Tensor, cfg: SamplingConfig, gen: torch.Generator) -> Tensor:
+        """logits [B, V] -> token ids [B]."""
+        logits = logits.float()
+        logits[:, [self.special.pad, self.special.eoi]] = -float("inf")  # never sampled (<eoi> is appended)
+        if cfg.temperature == 0:
+            return logits.argmax(-1)
+        logits = logits / cfg.temperature
+        if cfg.top_k:
+            kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -float("inf"))
+        if cfg.top_p < 1:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            drop = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1) > cfg.top_p
+            logits = logits.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+
+    def _append_token(self, state: State, token: Tensor) -> Tensor:
+        """Append one token per row [B]; returns the hidden state at it [B, D]."""
+        none = torch.full_like(token[:, None], -1)
+        hidden, _ = self._run(state, self._extend(state, token[:, None], none, none), append=True)
+        return hidden[:, -1]
+
+    def decode_text(self, state: State, hidden: Tensor, cfg: SamplingConfig, gen: torch.Generator,
+                    stop: tuple[int, ...] = ()) -> tuple[list[list[int]], Tensor]:
+        """Decode up to ``cfg.max_new_tokens`` per row; a row stops after ``<eos>`` or a token in ``stop``.
+        Returns the new ids per row (incl. the stop token) and the final hidden [B, D]."""
+        B = hidden.shape[0]
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        stops = torch.tensor([self.special.eos, *stop], device=self.device)
+        for _ in range(cfg.max_new_tokens):
+            token = self._pick(self.model.logits(hidden), cfg, gen)
+            token = torch.where(done, torch.full_like(token, self.special.pad), token)
+            for i in (~done).nonzero()[:, 0].tolist():
+                out[i].append(int(token[i]))
+            done |= torch.isin(token, stops)
+            if done.all():
+                break
+            hidden = self._append_token(state, token)
+        return out, hidden
+
+    # ----------------------------------------------------------------------------------------- images
+    def denoise(self, states: list[State], cfg: SamplingConfig, gen: torch.Generator) -> Tensor:
+        """Generate one image per row of ``states[0]`` (whose last token is ``<boi>``); ``states[1]``, if
+        given, is the unconditional prefix for guidance. Writes the clean image (t = 0) and ``<eoi>`` into
+        ``states[0]`` only. Returns latents [B, C, h, w]."""
+        cond = states[0]
+        B = cond.tokens.shape[0]
+        P, shape = self.cfg.patches_per_image, self.cfg.latent_shape
+        guided = len(states) > 1 and cfg.guidance_scale != 1
+
+        def image_positions(state: State) -> State:
+            new_id = state.latents.shape[0]  # the next image index (state.latents holds earlier ones)
+            ids = torch.full((B, P), new_id, device=self.device)
+            return self._extend(state, torch.full((B, P), self.special.pad, device=self.device), ids,
+                                torch.arange(P, device=self.device).expand(B, P))
+
+        sched = self.diffusion.sampler(cfg.scheduler, cfg.steps)
+        x = torch.randn((B, *shape), generator=gen, device=self.device) * sched.init_noise_sigma
+        runs = [(s, image_positions(s)) for s in (states if guided else states[:1])]
+        for step_t in sched.timesteps:
+            eps = []
+            for state, new in runs:  # cond and uncond: separate caches, one forward each
+                lat = torch.cat([state.latents, sched.scale_model_input(x, step_t)])
+                t = torch.cat([torch.zeros(state.latents.shape[0], dtype=torch.long, device=self.device),
+                               torch.full((B,), int(step_t), device=self.device)])
+                eps.append(self._run(state, new, append=False, latents=lat, t=t)[1][-B:])
+            e = eps[0] if not guided else eps[1] + cfg.guidance_scale * (eps[0] - eps[1])
+            x = sched.step(e, step_t, x, generator=gen).prev_sample
+        # Write the clean image into the conditional sequence (t = 0), then <eoi>.
+        new = image_positions(cond)
+        cond.latents = torch.cat([cond.latents, x])
+        self._run(cond, new, append=True)
+        return x
+
+    # ------------------------------------------------------------------------------------- entry points
+    def generate_images(self, captions: list[list[int]], cfg: SamplingConfig) -> Tensor:
+        """Caption token ids (no specials) -> latents [B, C, h, w], batched, with guidance."""
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        sp = self.special
+        cond, _ = self.start([[Text([sp.bos, *c, sp.boi])] for c in captions])
+        states = [cond]
+        if cfg.guidance_scale != 1:
+            states.append(self.start([[Text([sp.bos, sp.boi])] for _ in captions])[0])
+        return self.denoise(states, cfg, gen)
+
+    def caption(self, latents: Tensor, cfg: SamplingConfig) -> list[list[int]]:
+        """Clean image latents [B, C, h, w] (fed at t = 0) -> caption ids per row (up to <eos>, excluded)."""
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        sp = self.special
+        state, hidden = self.start([[Text([sp.bos]), Image(lat), Text([])] for lat in latents])
+        ids, _ = self.decode_text(state, hidden, cfg, gen)
+        return [[i for i in row if i != sp.eos] for row in ids]
+
+    def generate(self, prompt: list[int], cfg: SamplingConfig, max_images: int = 4) -> list:
+        """Mixed-modal continuation of one prompt (ids, no specials): text until ``<boi>`` -> an image ->
+        ``<eoi>`` -> text, until ``<eos>``. Returns a list of segments: lists of ids and latents [C, h, w]."""
+        gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        sp = self.special
+        state, hidden = self.start([[Text([sp.bos, *prompt])]])
+        uncond = None
+        output: list = []
+        for _ in range(max_images + 1):
+            ids, hidden = self.decode_text(state, hidden, cfg, gen, stop=(sp.boi,))
+            text = [i for i in ids[0] if i not in (sp.boi, sp.eos)]
+            if text:
+                output.append(text)
+            if not ids[0] or ids[0][-1] != sp.boi or len(output) > 2 * max_images:
+                break
+            hidden = self._append_token(state, torch.tensor([sp.boi], device=self.device))
+            states = [state]
+            if cfg.guidance_scale != 1:
+                uncond = self.start([[Text([sp.bos, sp.boi])]])[0]
+                states.append(uncond)
+            output.append(self.denoise(states, cfg, gen)[0])
+            hidden = self._append_token(state, torch.tensor([sp.eoi], device=self.device))
+        return output
+
+
+def _cat(a: State, b: State) -> State:
+    return State(**{n: torch.cat([getattr(a, n), getattr(b, n)], 1)
+                    for n in ("tokens", "positions", "doc_ids", "image_ids", "patch_ids")}, latents=a.latents)

@@ -1,0 +1,35 @@
+import torch
+
+from lit_transfusion.attention import dense_mask
+from lit_transfusion.transformer import Transformer, TransformerConfig, apply_rope, rope_table
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8, generator=g), torch.randn(1, 1, 1, 8, generator=g)
+    table = rope_table(8, 64, 10000.0)
+
+    def score(pq, pk):
+        return (apply_rope(q, table[[pq]][None]) * apply_rope(k, table[[pk]][None])).sum()
+
+    torch.testing.assert_close(score(5, 2), score(40, 37))
+    assert not torch.allclose(score(5, 2), score(5, 4))
+    # a rotation: norms are preserved
+    torch.testing.assert_close(apply_rope(q, table[[9]][None]).norm(), q.norm())
+
+
+def test_kv_prefix_equals_full_pass():
+    """Running the last positions against cached keys/values of the first ones equals one full pass."""
+    torch.manual_seed(0)
+    cfg = TransformerConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=64)
+    net = Transformer(cfg).eval()
+    B, L, split = 2, 12, 7
+    x = torch.randn(B, L, 32)
+    pos = torch.arange(L).expand(B, L)
+    doc = torch.zeros(B, L, dtype=torch.long)
+    img = torch.full((B, L), -1)
+    img[:, 8:11] = 0  # an image straddling nothing: bidirectional block inside the suffix
+    full, _ = net(x, pos, dense_mask(doc, img))
+    _, kv = net(x[:, :split], pos[:, :split], dense_mask(doc[:, :split], img[:, :split]))
+    tail, _ = net(x[:, split:], pos[:, split:], dense_mask(doc, img, doc[:, split:], img[:, split:]), past=kv)
+    torch.testing.assert_close(tail, full[:, split:], rtol=1e-5, atol=1e-5)
