@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="extra CLI arguments, e.g. --model.init_args.patcher=unet")
     args = ap.parse_args()
 
+    sys.argv = sys.argv[:1]  # the CLI gets its arguments explicitly below
     cli = build_cli(["--config", args.config, "--trainer.logger=false", *args.overrides], run=False)
     module, dm = cli.model, cli.datamodule
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,4 +1,5 @@
-"""Command line: ``python -m lit_transfusion {fit,validate,test,predict} --config ...`` (LightningCLI).
+"""Command line: ``python -m lit_transfusion {fit,validate,test,predict} --config ...`` (LightningCLI),
+and ``python -m lit_transfusion sample --ckpt_path ...`` (see ``sample.py``).
 
 Two model families share the entry point:
 - the Transfusion model (``lit_transfusion.module.TransfusionModule``): vocabulary size, special-token ids
@@ -58,6 +59,7 @@ def _configured_model_class(argv: list[str]) -> str:
 def build_cli(argv: list[str] | None = None, run: bool = True) -> LightningCLI:
     """Parse ``argv`` (default: ``sys.argv[1:]``) and build the CLI; ``run=False`` parses a bare config
     (no subcommand) and only instantiates the model, datamodule and trainer (benchmarks, notebooks)."""
+    args = argv  # None: LightningCLI reads sys.argv itself (and warns if given both)
     argv = list(sys.argv[1:] if argv is None else argv)
     cli_class = LightningCLI if _configured_model_class(argv).endswith("VAEModule") else TransfusionCLI
     return cli_class(
@@ -65,11 +67,16 @@ def build_cli(argv: list[str] | None = None, run: bool = True) -> LightningCLI:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=argv,
+        args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
     )
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    if argv_list[:1] == ["sample"]:  # generation: not a Trainer loop, its own small parser
+        from lit_transfusion.sample import main as sample_main
+
+        return sample_main(argv_list[1:])
     build_cli(argv)

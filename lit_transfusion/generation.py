@@ -35,6 +35,7 @@ class SamplingConfig:
 
     Attributes:
         max_new_tokens: text tokens to generate at most (per text phase).
+        min_new_tokens: ``<eos>`` cannot be sampled before this many tokens (per text phase).
         temperature: 0 = greedy. top_k: keep the k most likely tokens (0 = all). top_p: nucleus mass (1 = all).
         scheduler: one of ddpm, ddim, dpm++. steps: denoising steps (paper: 250 DDPM).
         guidance_scale: classifier-free guidance s (1 = no guidance, conditional only).
@@ -42,6 +43,7 @@ class SamplingConfig:
     """
 
     max_new_tokens: int = 64
+    min_new_tokens: int = 0
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -175,10 +177,11 @@ class TransfusionSampler:
         return hidden, out.eps
 
     # ------------------------------------------------------------------------------------------- text
-    def _pick(self, logits: Tensor, cfg: SamplingConfig, gen: torch.Generator) -> Tensor:
+    def _pick(self, logits: Tensor, cfg: SamplingConfig, gen: torch.Generator, allow_eos: bool = True) -> Tensor:
         """logits [B, V] -> token ids [B]."""
         logits = logits.float()
-        logits[:, [self.special.pad, self.special.eoi]] = -float("inf")  # never sampled (<eoi> is appended)
+        banned = [self.special.pad, self.special.eoi] + ([] if allow_eos else [self.special.eos])
+        logits[:, banned] = -float("inf")  # <eoi> is appended after an image, never sampled
         if cfg.temperature == 0:
             return logits.argmax(-1)
         logits = logits / cfg.temperature
@@ -205,8 +208,8 @@ class TransfusionSampler:
         out: list[list[int]] = [[] for _ in range(B)]
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         stops = torch.tensor([self.special.eos, *stop], device=self.device)
-        for _ in range(cfg.max_new_tokens):
-            token = self._pick(self.model.logits(hidden), cfg, gen)
+        for step in range(cfg.max_new_tokens):
+            token = self._pick(self.model.logits(hidden), cfg, gen, allow_eos=step >= cfg.min_new_tokens)
             token = torch.where(done, torch.full_like(token, self.special.pad), token)
             for i in (~done).nonzero()[:, 0].tolist():
                 out[i].append(int(token[i]))

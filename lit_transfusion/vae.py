@@ -157,30 +157,42 @@ class VAEModule(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     @torch.no_grad()
-    def latent_stats(self, loader, max_batches: int) -> tuple[float, float, float]:
-        """(mean, std, psnr) of posterior means / reconstructions over up to ``max_batches`` batches."""
+    def latent_stats(self, loader, max_batches: int) -> dict:
+        """Posterior-mean statistics over up to ``max_batches`` batches: overall ``mean``/``std`` (floats),
+        per-channel ``channel_mean``/``channel_std`` (lists of C floats) and the reconstruction ``psnr``."""
         was_training = self.vae.training
         self.vae.eval()
-        s = s2 = n = 0.0
-        psnrs = []
+        zs, psnrs = [], []
         for i, x in enumerate(loader):
             if i >= max_batches:
                 break
             x = x.to(self.device)
-            z = self.vae.encode(x).latent_dist.mode().double()
-            s, s2, n = s + z.sum().item(), s2 + z.pow(2).sum().item(), n + z.numel()
-            psnrs.append(psnr(self.vae.decode(z.float()).sample, x).item())
+            z = self.vae.encode(x).latent_dist.mode()
+            zs.append(z.double().transpose(0, 1).flatten(1))  # [C, B*h*w]
+            psnrs.append(psnr(self.vae.decode(z).sample, x).item())
         self.vae.train(was_training)
-        mean = s / n
-        return mean, math.sqrt(max(s2 / n - mean**2, 1e-12)), float(np.mean(psnrs))
+        z = torch.cat(zs, dim=1)
+        return {
+            "mean": z.mean().item(), "std": z.std().item(),
+            "channel_mean": z.mean(1).tolist(), "channel_std": z.std(1).tolist(),
+            "psnr": float(np.mean(psnrs)),
+        }
 
     def export(self, export_dir: str | Path, loader) -> dict:
-        """Measure latent statistics on ``loader``, store them in the config and ``save_pretrained``."""
-        mean, std, val_psnr = self.latent_stats(loader, self.hparams.stats_batches)
-        # Standardized latent = (z - shift_factor) * scaling_factor has mean 0, std 1 (see LatentCodec).
-        self.vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
+        """Measure latent statistics on ``loader``, store them in the config and ``save_pretrained``.
+
+        Both diffusers conventions are written: the scalar ``shift_factor``/``scaling_factor`` and the
+        per-channel ``latents_mean``/``latents_std``; ``LatentCodec`` prefers the per-channel ones, because
+        the channels of a small VAE differ a lot in scale (here ~0.6x to ~2.5x of the overall std) and
+        diffusion assumes every channel has unit variance (same signal-to-noise ratio at a given t).
+        """
+        stats = self.latent_stats(loader, self.hparams.stats_batches)
+        self.vae.register_to_config(
+            shift_factor=stats["mean"], scaling_factor=1.0 / stats["std"],
+            latents_mean=stats["channel_mean"], latents_std=stats["channel_std"],
+        )
         self.vae.save_pretrained(str(export_dir))
-        return {"latent_mean": mean, "latent_std": std, "val_psnr": val_psnr}
+        return stats
 
     def on_fit_end(self) -> None:
         if self.hparams.export_dir is None or not self.trainer.is_global_zero:
@@ -189,8 +201,8 @@ class VAEModule(LightningModule):
         loader = dm.val_dataloader() if dm is not None else self.trainer.val_dataloaders
         stats = self.export(self.hparams.export_dir, loader)
         print(
-            f"VAE exported to {self.hparams.export_dir}: val PSNR {stats['val_psnr']:.2f} dB, "
-            f"latent mean {stats['latent_mean']:.4f}, std {stats['latent_std']:.4f}"
+            f"VAE exported to {self.hparams.export_dir}: val PSNR {stats['psnr']:.2f} dB, latent mean "
+            f"{stats['mean']:.4f}, std {stats['std']:.4f}, per-channel std {[round(v, 3) for v in stats['channel_std']]}"
         )
 
 
@@ -226,8 +238,14 @@ class LatentCodec(torch.nn.Module):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
         cfg = vae.config
-        self.shift = float(cfg.shift_factor or 0.0)  # generic diffusers VAEs may have no shift
-        self.scale = float(cfg.scaling_factor)
+        C = int(cfg.latent_channels)
+        if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+            shift, std = torch.tensor(cfg.latents_mean), torch.tensor(cfg.latents_std)  # per channel
+        else:  # scalar convention; generic diffusers VAEs may have no shift
+            shift = torch.full((C,), float(cfg.shift_factor or 0.0))
+            std = torch.full((C,), 1.0 / float(cfg.scaling_factor))
+        self.register_buffer("shift", shift.float().view(1, C, 1, 1), persistent=False)
+        self.register_buffer("scale", (1.0 / std).float().view(1, C, 1, 1), persistent=False)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> LatentCodec:

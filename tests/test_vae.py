@@ -46,6 +46,8 @@ def test_shipped_vae_reconstructs_with_standardized_latents(codec):
     assert vae_latent_shape(SHIPPED, 32) == (4, 8, 8)
     assert abs(z.mean().item()) < 0.2
     assert 0.7 <= z.std().item() <= 1.3
+    channel_std = z.transpose(0, 1).flatten(1).std(1)
+    assert ((channel_std > 0.75) & (channel_std < 1.25)).all(), channel_std  # every channel standardized
     assert psnr(codec.decode(z), x).item() >= 28.0
     size = sum(f.stat().st_size for f in SHIPPED.iterdir())
     assert size < 4.5 * 2**20
@@ -103,6 +105,7 @@ def test_brief_retraining_reconstructs_and_exports(tmp_path):
 
     config = json.loads((tmp_path / "vae" / "config.json").read_text())
     assert config["scaling_factor"] > 0 and config["shift_factor"] is not None
+    assert len(config["latents_mean"]) == len(config["latents_std"]) == 4  # per-channel standardization
     codec = LatentCodec.from_dir(tmp_path / "vae")
     assert codec.latent_shape(32) == vae_latent_shape(tmp_path / "vae", 32) == (4, 8, 8)
     held_out = _renders("test", 64)
