@@ -220,37 +220,41 @@ class TransfusionSampler:
         return out, hidden
 
     # ----------------------------------------------------------------------------------------- images
+    def _image_positions(self, state: State) -> State:
+        """The P patch positions of one new image per row (image ids continue after the state's images)."""
+        B, P = state.tokens.shape[0], self.cfg.patches_per_image
+        first = state.latents.shape[0]
+        ids = (first + torch.arange(B, device=self.device))[:, None].expand(B, P)
+        return self._extend(state, torch.full((B, P), self.special.pad, device=self.device), ids,
+                            torch.arange(P, device=self.device).expand(B, P))
+
     def denoise(self, states: list[State], cfg: SamplingConfig, gen: torch.Generator) -> Tensor:
         """Generate one image per row of ``states[0]`` (whose last token is ``<boi>``); ``states[1]``, if
-        given, is the unconditional prefix for guidance. Writes the clean image (t = 0) and ``<eoi>`` into
-        ``states[0]`` only. Returns latents [B, C, h, w]."""
+        given, is the unconditional prefix for guidance (same rows). Cond and uncond rows run in ONE forward
+        per step. Writes the clean image (t = 0) into ``states[0]`` only. Returns latents [B, C, h, w]."""
         cond = states[0]
         B = cond.tokens.shape[0]
-        P, shape = self.cfg.patches_per_image, self.cfg.latent_shape
         guided = len(states) > 1 and cfg.guidance_scale != 1
-
-        def image_positions(state: State) -> State:
-            new_id = state.latents.shape[0]  # the next image index (state.latents holds earlier ones)
-            ids = torch.full((B, P), new_id, device=self.device)
-            return self._extend(state, torch.full((B, P), self.special.pad, device=self.device), ids,
-                                torch.arange(P, device=self.device).expand(B, P))
-
+        run = _stack([cond, states[1]]) if guided else cond  # [2B rows] or [B rows]
+        new = self._image_positions(run)
         sched = self.diffusion.sampler(cfg.scheduler, cfg.steps)
-        x = torch.randn((B, *shape), generator=gen, device=self.device) * sched.init_noise_sigma
-        runs = [(s, image_positions(s)) for s in (states if guided else states[:1])]
+        x = torch.randn((B, *self.cfg.latent_shape), generator=gen, device=self.device) * sched.init_noise_sigma
+        t_prev = torch.zeros(run.latents.shape[0], dtype=torch.long, device=self.device)  # earlier images: clean
         for step_t in sched.timesteps:
-            eps = []
-            for state, new in runs:  # cond and uncond: separate caches, one forward each
-                lat = torch.cat([state.latents, sched.scale_model_input(x, step_t)])
-                t = torch.cat([torch.zeros(state.latents.shape[0], dtype=torch.long, device=self.device),
-                               torch.full((B,), int(step_t), device=self.device)])
-                eps.append(self._run(state, new, append=False, latents=lat, t=t)[1][-B:])
-            e = eps[0] if not guided else eps[1] + cfg.guidance_scale * (eps[0] - eps[1])
-            x = sched.step(e, step_t, x, generator=gen).prev_sample
-        # Write the clean image into the conditional sequence (t = 0), then <eoi>.
-        new = image_positions(cond)
+            x_in = sched.scale_model_input(x, step_t)
+            lat = torch.cat([run.latents, x_in, x_in] if guided else [run.latents, x_in])
+            t = torch.cat([t_prev, torch.full((lat.shape[0] - t_prev.shape[0],), int(step_t), device=self.device)])
+            eps = self._run(run, new, append=False, latents=lat, t=t)[1][t_prev.shape[0]:]  # [B or 2B, C, h, w]
+            if guided:
+                eps_c, eps_u = eps[:B], eps[B:]
+                eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)
+            x = sched.step(eps, step_t, x, generator=gen).prev_sample
+        # Write the clean image into the conditional sequence at t = 0 (its keys/values join the cache).
+        new = self._image_positions(cond)
         cond.latents = torch.cat([cond.latents, x])
         self._run(cond, new, append=True)
+        for row, latent in zip(cond.images, x):
+            row.append(latent)
         return x
 
     # ------------------------------------------------------------------------------------- entry points
@@ -278,23 +282,46 @@ class TransfusionSampler:
         gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
         sp = self.special
         state, hidden = self.start([[Text([sp.bos, *prompt])]])
-        uncond = None
         output: list = []
-        for _ in range(max_images + 1):
+        while True:
             ids, hidden = self.decode_text(state, hidden, cfg, gen, stop=(sp.boi,))
             text = [i for i in ids[0] if i not in (sp.boi, sp.eos)]
             if text:
                 output.append(text)
-            if not ids[0] or ids[0][-1] != sp.boi or len(output) > 2 * max_images:
-                break
-            hidden = self._append_token(state, torch.tensor([sp.boi], device=self.device))
+            if not ids[0] or ids[0][-1] != sp.boi or len(state.images[0]) >= max_images:
+                return output
+            self._append_token(state, torch.tensor([sp.boi], device=self.device))
             states = [state]
             if cfg.guidance_scale != 1:
-                uncond = self.start([[Text([sp.bos, sp.boi])]])[0]
-                states.append(uncond)
+                states.append(self.start([[Text([sp.bos, sp.boi])]])[0])
             output.append(self.denoise(states, cfg, gen)[0])
             hidden = self._append_token(state, torch.tensor([sp.eoi], device=self.device))
-        return output
+
+
+def _stack(states: list[State]) -> State:
+    """Rows of several states in one, each left-padded to the longest (pads: doc id -1, zero keys/values);
+    image ids of later states are shifted past the earlier states' images."""
+    L = max(s.tokens.shape[1] for s in states)
+    parts: dict[str, list] = {n: [] for n in ("tokens", "positions", "doc_ids", "image_ids", "patch_ids")}
+    offset, kv_parts = 0, []
+    for s in states:
+        pad = L - s.tokens.shape[1]
+        fill = {"tokens": 0, "positions": 0, "doc_ids": -1, "image_ids": -1, "patch_ids": -1}
+        for n in parts:
+            x = getattr(s, n)
+            if n == "image_ids":
+                x = torch.where(x >= 0, x + offset, x)
+            parts[n].append(torch.nn.functional.pad(x, (pad, 0), value=fill[n]))
+        offset += s.latents.shape[0]
+        if s.kv is not None:
+            kv_parts.append([(torch.nn.functional.pad(k, (0, 0, pad, 0)), torch.nn.functional.pad(v, (0, 0, pad, 0)))
+                             for k, v in s.kv])
+    kv = None
+    if kv_parts:
+        kv = [(torch.cat([p[i][0] for p in kv_parts]), torch.cat([p[i][1] for p in kv_parts]))
+              for i in range(len(kv_parts[0]))]
+    return State(**{n: torch.cat(v) for n, v in parts.items()},
+                 latents=torch.cat([s.latents for s in states]), kv=kv)
 
 
 def _cat(a: State, b: State) -> State:

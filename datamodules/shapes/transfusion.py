@@ -22,12 +22,13 @@ import torch
 from jsonargparse.typing import ClosedUnitInterval, PositiveInt
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.shapes.world import ShapesWorld, caption, sample_prompt
+from datamodules.shapes.world import Item, Prompt, Scene, ShapesWorld, caption, sample_prompt
 from lit_transfusion.batch import Document, Image, Text, document_length, pack_rows
 from lit_transfusion.tokenizer import TextTokenizer
 from lit_transfusion.vae import LatentCodec, images_to_tensor, vae_latent_shape
 
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
+_CACHE_VERSION = 2  # bump when the cache layout changes
 
 
 class ShapesDataModule(L.LightningDataModule):
@@ -49,6 +50,9 @@ class ShapesDataModule(L.LightningDataModule):
         image_first_ratio: fraction of image documents laid out image -> caption.
         caption_dropout: fraction of caption -> image documents whose caption is dropped (CFG).
         noise_limit: max diffusion timestep for image-first documents.
+        color_detail: fraction of captions that also state the colors the prompt left open ("a circle" ->
+            "a red circle"): GenEval-style prompts leave most colors unstated, which makes captions too weak a
+            signal to learn conditioning from in a short run; stating what the image shows keeps captions true.
         rows_per_epoch: length of the (randomly drawn) training epoch in rows.
         val_rows: packed validation rows.
         cond_gap_pairs: validation caption->image pairs for ``val/cond_gap``.
@@ -72,6 +76,7 @@ class ShapesDataModule(L.LightningDataModule):
         image_first_ratio: ClosedUnitInterval = 0.2,
         caption_dropout: ClosedUnitInterval = 0.1,
         noise_limit: PositiveInt = 500,
+        color_detail: ClosedUnitInterval = 0.75,
         rows_per_epoch: PositiveInt = 1_000_000,
         val_rows: PositiveInt = 64,
         cond_gap_pairs: PositiveInt = 256,
@@ -99,7 +104,8 @@ class ShapesDataModule(L.LightningDataModule):
         else:
             self.tokenizer = self._train_tokenizer()
         self.latents: dict[str, torch.Tensor] = {}
-        self.samples: dict[str, list] = {}
+        self.samples: dict[str, list] = {}  # per split: the Prompt each image was drawn from
+        self.detailed: dict[str, list] = {}  # the same Prompt with the colors of the rendered objects stated
 
     # ---------------------------------------------------------------------- what the model is linked to
     @property
@@ -127,7 +133,7 @@ class ShapesDataModule(L.LightningDataModule):
         digest = hashlib.sha1()
         for f in weights:
             digest.update(f.read_bytes())
-        key = f"{split}-n{n}-seed{hp.seed}-px{hp.image_size}-vae{digest.hexdigest()[:10]}"
+        key = f"v{_CACHE_VERSION}-{split}-n{n}-seed{hp.seed}-px{hp.image_size}-vae{digest.hexdigest()[:10]}"
         return Path(hp.data_dir) / f"latents-{key}.pt"
 
     def _split_size(self, split: str) -> int:
@@ -145,7 +151,11 @@ class ShapesDataModule(L.LightningDataModule):
             latents = codec.encode(images_to_tensor(np.stack([s.image for s in samples])))
             path.parent.mkdir(parents=True, exist_ok=True)
             # Prompts (not pixels) are kept: documents re-phrase the caption at every draw.
-            torch.save({"latents": latents.float().contiguous(), "prompts": [s.prompt for s in samples]}, path)
+            torch.save({
+                "latents": latents.float().contiguous(),
+                "prompts": [s.prompt for s in samples],
+                "detailed": [with_scene_colors(s.prompt, s.scene) for s in samples],
+            }, path)
 
     def setup(self, stage: str | None = None) -> None:
         for split in ("train", "val", "test"):
@@ -156,13 +166,17 @@ class ShapesDataModule(L.LightningDataModule):
                 self.prepare_data()
             cached = torch.load(path, weights_only=False)  # our own cache file: latents + Prompt dataclasses
             self.latents[split], self.samples[split] = cached["latents"], cached["prompts"]
+            self.detailed[split] = cached["detailed"]
 
     # ---------------------------------------------------------------------------------------- documents
     def image_document(self, split: str, index: int, rng: np.random.Generator, train_layouts: bool = True) -> Document:
-        """One image document for sample ``index`` of ``split``; layout drawn with ``rng``."""
+        """One image document for sample ``index`` of ``split``; layout and phrasing drawn with ``rng``.
+        ``train_layouts=False``: always caption -> image with the color-detailed caption (cond-gap pairs)."""
         hp, sp = self.hparams, self.tokenizer.special
         latent = self.latents[split][index]
-        ids = self.tokenizer.encode(caption(self.samples[split][index], rng))
+        detailed = not train_layouts or rng.random() < hp.color_detail
+        prompt = (self.detailed if detailed else self.samples)[split][index]
+        ids = self.tokenizer.encode(caption(prompt, rng))
         if train_layouts and rng.random() < hp.image_first_ratio:
             return [Text([sp.bos]), Image(latent, t_max=hp.noise_limit), Text(ids + [sp.eos])]
         if train_layouts and rng.random() < hp.caption_dropout:
@@ -242,6 +256,18 @@ class ShapesDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders("test")
+
+
+def with_scene_colors(prompt: Prompt, scene: Scene) -> Prompt:
+    """``prompt`` with every unstated item color filled in from the scene, where the scene's objects of
+    that item share one color (objects follow the prompt's item order, ``count`` objects per item)."""
+    items, i = [], 0
+    for item in prompt.items:
+        colors = {o.color for o in scene.objects[i : i + item.count]}
+        i += item.count
+        color = item.color if item.color is not None else (colors.pop() if len(colors) == 1 else None)
+        items.append(Item(item.shape, color, item.count))
+    return Prompt(prompt.family, tuple(items), prompt.relation)
 
 
 class _Rows(Dataset):
