@@ -21,10 +21,11 @@ from .world import (
     render,
     sample_prompt,
     sample_scene,
+    scene_caption,
 )
 
 __all__ = [
     "BACKGROUND", "COLORS", "FAMILIES", "RELATIONS", "SHAPES", "SPLITS", "TEMPLATES",
     "Item", "Obj", "Prompt", "Sample", "Scene", "ShapesWorld",
-    "caption", "describe", "relations_between", "render", "sample_prompt", "sample_scene",
+    "caption", "describe", "relations_between", "render", "sample_prompt", "sample_scene", "scene_caption",
 ]

@@ -22,13 +22,13 @@ import torch
 from jsonargparse.typing import ClosedUnitInterval, PositiveInt
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.shapes.world import Item, Prompt, Scene, ShapesWorld, caption, sample_prompt
+from datamodules.shapes.world import Item, Prompt, Scene, ShapesWorld, caption, sample_prompt, scene_caption
 from lit_transfusion.batch import Document, Image, Text, document_length, pack_rows
 from lit_transfusion.tokenizer import TextTokenizer
 from lit_transfusion.vae import LatentCodec, images_to_tensor, vae_latent_shape
 
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
-_CACHE_VERSION = 2  # bump when the cache layout changes
+_CACHE_VERSION = 3  # bump when the cache layout changes
 
 
 class ShapesDataModule(L.LightningDataModule):
@@ -50,9 +50,11 @@ class ShapesDataModule(L.LightningDataModule):
         image_first_ratio: fraction of image documents laid out image -> caption.
         caption_dropout: fraction of caption -> image documents whose caption is dropped (CFG).
         noise_limit: max diffusion timestep for image-first documents.
-        color_detail: fraction of captions that also state the colors the prompt left open ("a circle" ->
-            "a red circle"): GenEval-style prompts leave most colors unstated, which makes captions too weak a
-            signal to learn conditioning from in a short run; stating what the image shows keeps captions true.
+        scene_caption_ratio: fraction of captions that describe the whole scene (each object's size, color,
+            shape and coarse location). GenEval-style prompts leave most colors and all positions unstated, so
+            alone they are too weak a signal to learn conditioning from in a short run.
+        color_detail: fraction of the other (GenEval-style) captions that also state the colors the prompt
+            left open ("a circle" -> "a red circle"); every caption stays true of its image.
         rows_per_epoch: length of the (randomly drawn) training epoch in rows.
         val_rows: packed validation rows.
         cond_gap_pairs: validation caption->image pairs for ``val/cond_gap``.
@@ -76,7 +78,8 @@ class ShapesDataModule(L.LightningDataModule):
         image_first_ratio: ClosedUnitInterval = 0.2,
         caption_dropout: ClosedUnitInterval = 0.1,
         noise_limit: PositiveInt = 500,
-        color_detail: ClosedUnitInterval = 0.75,
+        scene_caption_ratio: ClosedUnitInterval = 0.5,
+        color_detail: ClosedUnitInterval = 0.5,
         rows_per_epoch: PositiveInt = 1_000_000,
         val_rows: PositiveInt = 64,
         cond_gap_pairs: PositiveInt = 256,
@@ -105,7 +108,7 @@ class ShapesDataModule(L.LightningDataModule):
             self.tokenizer = self._train_tokenizer()
         self.latents: dict[str, torch.Tensor] = {}
         self.samples: dict[str, list] = {}  # per split: the Prompt each image was drawn from
-        self.detailed: dict[str, list] = {}  # the same Prompt with the colors of the rendered objects stated
+        self.scenes: dict[str, list] = {}  # the rendered Scene (ground truth)
 
     # ---------------------------------------------------------------------- what the model is linked to
     @property
@@ -154,7 +157,7 @@ class ShapesDataModule(L.LightningDataModule):
             torch.save({
                 "latents": latents.float().contiguous(),
                 "prompts": [s.prompt for s in samples],
-                "detailed": [with_scene_colors(s.prompt, s.scene) for s in samples],
+                "scenes": [s.scene for s in samples],
             }, path)
 
     def setup(self, stage: str | None = None) -> None:
@@ -166,17 +169,28 @@ class ShapesDataModule(L.LightningDataModule):
                 self.prepare_data()
             cached = torch.load(path, weights_only=False)  # our own cache file: latents + Prompt dataclasses
             self.latents[split], self.samples[split] = cached["latents"], cached["prompts"]
-            self.detailed[split] = cached["detailed"]
+            self.scenes[split] = cached["scenes"]
 
     # ---------------------------------------------------------------------------------------- documents
+    def caption_ids(self, split: str, index: int, rng: np.random.Generator, full: bool = False) -> list[int]:
+        """Caption token ids of sample ``index``: the full scene caption (every object's size, color, shape,
+        location) with probability ``scene_caption_ratio`` (always if ``full``), else the GenEval-style prompt
+        caption, its unstated colors filled in from the scene with probability ``color_detail``."""
+        hp = self.hparams
+        scene = self.scenes[split][index]
+        if full or rng.random() < hp.scene_caption_ratio:
+            return self.tokenizer.encode(scene_caption(scene, rng))
+        prompt = self.samples[split][index]
+        if rng.random() < hp.color_detail:
+            prompt = with_scene_colors(prompt, scene)
+        return self.tokenizer.encode(caption(prompt, rng))
+
     def image_document(self, split: str, index: int, rng: np.random.Generator, train_layouts: bool = True) -> Document:
         """One image document for sample ``index`` of ``split``; layout and phrasing drawn with ``rng``.
-        ``train_layouts=False``: always caption -> image with the color-detailed caption (cond-gap pairs)."""
+        ``train_layouts=False``: caption -> image with the full scene caption (the cond-gap pairs)."""
         hp, sp = self.hparams, self.tokenizer.special
         latent = self.latents[split][index]
-        detailed = not train_layouts or rng.random() < hp.color_detail
-        prompt = (self.detailed if detailed else self.samples)[split][index]
-        ids = self.tokenizer.encode(caption(prompt, rng))
+        ids = self.caption_ids(split, index, rng, full=not train_layouts)
         if train_layouts and rng.random() < hp.image_first_ratio:
             return [Text([sp.bos]), Image(latent, t_max=hp.noise_limit), Text(ids + [sp.eos])]
         if train_layouts and rng.random() < hp.caption_dropout:

@@ -339,6 +339,14 @@ def _relation_text(rels: set[str]) -> str:
     return " and ".join(vertical + horizontal)
 
 
+def scene_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A one-line caption stating every object's size, color, shape and coarse location, in random order:
+    'a small red circle in the top left and a large blue square on the right'."""
+    objs = [scene.objects[i] for i in rng.permutation(len(scene.objects))]
+    parts = [f"a {_size_word(o, scene.size)} {o.color} {o.shape} {_location(o, scene.size)}" for o in objs]
+    return " and ".join(parts)
+
+
 def describe(scene: Scene, rng: np.random.Generator) -> str:
     """A multi-sentence, lower-case description: count, then each object's size, color, shape
     and coarse location, with relations (GenEval's rule) to earlier objects when unambiguous."""
