@@ -43,10 +43,17 @@ def test_every_config_parses(config, capsys):
     assert "class_path" in capsys.readouterr().out
 
 
-def test_two_step_fit_writes_checkpoint_and_tensorboard(tmp_path):
-    proc = run_cli("fit", "--config", "configs/shapes/tiny.yaml", *small_run_args(tmp_path))
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """A 2-step fit of the tiny config (nano model); returns its run directory."""
+    tmp = tmp_path_factory.mktemp("run")
+    proc = run_cli("fit", "--config", "configs/shapes/tiny.yaml", *small_run_args(tmp))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    version = tmp_path / "runs" / "shapes-tiny" / "version_0"
+    return tmp / "runs" / "shapes-tiny" / "version_0"
+
+
+def test_two_step_fit_writes_checkpoint_and_tensorboard(trained_run):
+    version = trained_run
     assert (version / "checkpoints" / "last.ckpt").is_file()
     assert (version / "config.yaml").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -76,3 +83,46 @@ def test_bad_input_fails_at_start_naming_the_setting(tmp_path, override, expecte
     assert proc.returncode != 0
     assert expected in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_sample_writes_images_grid_and_text(trained_run, tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    proc = run_cli("sample", "--ckpt_path", str(ckpt), "--prompt", "a red circle", "--prompt", "two squares",
+                   "--num_images", "2", "--steps", "3", "--scheduler", "ddim", "--out", str(tmp_path / "s"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "s" / "grid.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "s").glob("00*.png")) == ["000_0.png", "000_1.png", "001_0.png", "001_1.png"]
+    # captioning a rendered scene
+    from torchvision.io import write_png
+    import torch
+    from datamodules.shapes import ShapesWorld
+
+    img = torch.from_numpy(ShapesWorld(0).sample("test", 0).image).permute(2, 0, 1).contiguous()
+    write_png(img, str(tmp_path / "scene.png"))
+    proc = run_cli("sample", "--ckpt_path", str(ckpt), "--image", str(tmp_path / "scene.png"),
+                   "--max_new_tokens", "5", "--out", str(tmp_path / "c"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "caption" in (tmp_path / "c" / "samples.json").read_text()
+
+
+@pytest.mark.parametrize("case", ["missing-ckpt", "corrupt-ckpt", "bad-scheduler", "not-an-image"])
+def test_sample_bad_input_is_one_clear_line(trained_run, tmp_path, case):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    args = ["--ckpt_path", str(ckpt), "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path / "o")]
+    expected = ""
+    if case == "missing-ckpt":
+        args[1], expected = str(tmp_path / "nope.ckpt"), "nope.ckpt"
+    elif case == "corrupt-ckpt":
+        bad = trained_run / "checkpoints" / "corrupt.ckpt"
+        bad.write_bytes(b"not a checkpoint")
+        args[1], expected = str(bad), "corrupt.ckpt"
+    elif case == "bad-scheduler":
+        args += ["--scheduler", "euler"]
+        expected = "unknown scheduler 'euler'"
+    else:
+        (tmp_path / "fake.png").write_text("hello")
+        args = ["--ckpt_path", str(ckpt), "--image", str(tmp_path / "fake.png")]
+        expected = "fake.png"
+    proc = run_cli("sample", *args)
+    assert proc.returncode == 2
+    assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

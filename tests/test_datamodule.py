@@ -80,3 +80,28 @@ def test_latent_cache_reused(dm, tmp_path):
     again = ShapesDataModule(data_dir=dm.hparams.data_dir, num_train=96, num_val=48)
     again.setup("fit")
     assert torch.equal(again.latents["train"], dm.latents["train"])
+
+
+def test_captions_are_true_of_their_image(dm):
+    """Every caption variant (scene caption, color-filled prompt, plain prompt) states only true attributes."""
+    from datamodules.shapes.scoring import caption_attributes_correct
+
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        scene = dm.scenes["train"][i]
+        for _ in range(3):
+            text = dm.tokenizer.decode(dm.caption_ids("train", i, rng))
+            assert caption_attributes_correct(text, scene) == 1.0, (text, scene)
+
+
+def test_with_scene_colors_fills_only_open_colors(dm):
+    from datamodules.shapes.transfusion import with_scene_colors
+
+    for i in range(40):
+        prompt, scene = dm.samples["train"][i], dm.scenes["train"][i]
+        filled = with_scene_colors(prompt, scene)
+        for a, b in zip(prompt.items, filled.items):
+            assert (a.shape, a.count) == (b.shape, b.count)
+            assert a.color is None or a.color == b.color
+            if a.count == 1:
+                assert b.color is not None
