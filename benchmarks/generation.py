@@ -76,7 +76,7 @@ def main() -> None:
               f"   speed-up {b / a:4.1f}x")
 
     print("\ntext decoding, batch 1, 64-token prompt, 64 new tokens (greedy)")
-    prompt = [[special.bos, *torch.randint(5, V, (63,)).tolist()]]
+    prompt = [[[special.bos, *torch.randint(5, V, (63,)).tolist()]]]  # one prompt of one text segment
     cfg = SamplingConfig(max_new_tokens=64, min_new_tokens=64)
     for name, s in (("cached", cached), ("recomputed", full)):
         def decode():
