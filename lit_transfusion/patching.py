@@ -62,7 +62,7 @@ class LinearPatcher(nn.Module):
         self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
         # The paper adds e(t) to the patch before the linear layer: W(x + e(t)) = Wx + W e(t), i.e. a t-vector
         # in model space confined to a C·p·p-dim (here 16) subspace. Adding a full-width e(t) after the linear
-        # layer contains that as a special case; on the shapes world it halved the image loss after 400 steps.
+        # layer contains that as a special case (no rank limit on how t enters the model).
         self.time_embed = TimestepEmbedding(256, dim)
         self.proj_in = nn.Linear(patch_dim, dim)
         self.pos = PositionEmbedding2D(height // patch_size, width // patch_size, dim)
