@@ -197,9 +197,10 @@ class TransfusionModule(L.LightningModule):
             return  # no caption->image pairs evaluated (no second dataloader)
         mse_true, mse_shuf = sums[:, 0] / sums[:, 2], sums[:, 1] / sums[:, 2]
         gap = ((mse_shuf - mse_true) / mse_shuf).mean()
-        self.log(f"{stage}/cond_gap", gap, sync_dist=False, rank_zero_only=False)
-        self.log(f"{stage}/mse_true_caption", mse_true.mean())
-        self.log(f"{stage}/mse_shuffled_caption", mse_shuf.mean())
+        # Already summed over ranks above, so every rank holds the same value; sync_dist only averages equals.
+        for name, value in [("cond_gap", gap), ("mse_true_caption", mse_true.mean()),
+                            ("mse_shuffled_caption", mse_shuf.mean())]:
+            self.log(f"{stage}/{name}", value, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_cond_gap("val")

@@ -66,6 +66,20 @@ def test_two_step_fit_writes_checkpoint_and_tensorboard(trained_run):
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
 
 
+def test_ddp_on_cpu_in_a_subprocess(tmp_path):
+    """Two gloo processes (never in-process DDP under pytest: rank 1 would re-run pytest)."""
+    proc = run_cli("fit", "--config", "configs/shapes/tiny.yaml", *small_run_args(tmp_path),
+                   "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    version = tmp_path / "runs" / "shapes-tiny" / "version_0"
+    assert (version / "checkpoints" / "last.ckpt").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(version))
+    events.Reload()
+    assert {"val/cond_gap", "val/loss_image"} <= set(events.Tags()["scalars"])
+
+
 @pytest.mark.parametrize(
     "override, expected",
     [
