@@ -45,11 +45,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/shapes/tiny.yaml")
     ap.add_argument("--steps", type=int, default=30, help="timed steps (after 3 warm-up steps)")
-    ap.add_argument("overrides", nargs="*", help="extra CLI arguments, e.g. --model.init_args.patcher=unet")
-    args = ap.parse_args()
+    # Anything else is passed to the CLI, e.g. --model.init_args.patcher=unet
+    args, overrides = ap.parse_known_args()
 
     sys.argv = sys.argv[:1]  # the CLI gets its arguments explicitly below
-    cli = build_cli(["--config", args.config, "--trainer.logger=false", *args.overrides], run=False)
+    cli = build_cli(["--config", args.config, "--trainer.logger=false", *overrides], run=False)
     module, dm = cli.model, cli.datamodule
     device = "cuda" if torch.cuda.is_available() else "cpu"
     module.to(device).train()
@@ -89,7 +89,7 @@ def main() -> None:
     images = statistics.mean(b.num_images for b in batches)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     n_params = sum(p.numel() for p in module.parameters())
-    print(f"config           {args.config} {' '.join(args.overrides)}")
+    print(f"config           {args.config} {' '.join(overrides)}")
     print(f"device           {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"params           {n_params / 1e6:.2f} M")
     print(f"batch            {batches[0].tokens.shape[0]} rows x {batches[0].tokens.shape[1]} positions, "

@@ -1,0 +1,27 @@
+"""The benchmark scripts run end to end (smoke: tiny settings, numbers not checked)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_train_step_benchmark(tmp_path):
+    out = run("benchmarks/train_step.py", "--steps", "2", "--model.init_args.size=nano",
+              f"--data.init_args.data_dir={tmp_path}", "--data.init_args.num_train=64", "--data.init_args.num_val=16")
+    for key in ("step time", "tokens/s", "MFU", "peak RSS"):
+        assert key in out
+
+
+def test_generation_benchmark():
+    out = run("benchmarks/generation.py", "--quick")
+    assert "speed-up" in out and "tokens/s" in out
