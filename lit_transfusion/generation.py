@@ -61,6 +61,9 @@ class SamplingConfig:
             raise ValueError("guidance_scale and temperature must be >= 0 and top_p in (0, 1]")
 
 
+_SEQ_FIELDS = ("tokens", "positions", "doc_ids", "image_ids", "patch_ids")  # the per-position [B, L] fields
+
+
 @dataclass
 class State:
     """Sequences of B rows so far (left-padded). All [B, L] unless said otherwise."""
@@ -118,7 +121,7 @@ class TransfusionSampler:
         )
         if b.num_images == 0:
             state.latents = torch.zeros((0, *self.cfg.latent_shape), device=self.device)
-        hidden, _ = self._run(state, state, append=True, t=torch.zeros(state.latents.shape[0], dtype=torch.long, device=self.device))
+        hidden, _ = self._run(state, state, append=True)  # prefill; prompt images at t = 0
         return state, hidden[:, -1]
 
     def _check_room(self, length: int) -> None:
@@ -168,7 +171,7 @@ class TransfusionSampler:
             hidden, kv = out.hidden, out.kv
         if append:
             if not prefill:
-                for name in ("tokens", "positions", "doc_ids", "image_ids", "patch_ids"):
+                for name in _SEQ_FIELDS:
                     setattr(state, name, torch.cat([getattr(state, name), getattr(new, name)], 1))
             if self.use_cache:
                 state.kv = kv if state.kv is None or prefill else [
@@ -302,7 +305,7 @@ def _stack(states: list[State]) -> State:
     """Rows of several states in one, each left-padded to the longest (pads: doc id -1, zero keys/values);
     image ids of later states are shifted past the earlier states' images."""
     L = max(s.tokens.shape[1] for s in states)
-    parts: dict[str, list] = {n: [] for n in ("tokens", "positions", "doc_ids", "image_ids", "patch_ids")}
+    parts: dict[str, list] = {n: [] for n in _SEQ_FIELDS}
     offset, kv_parts = 0, []
     for s in states:
         pad = L - s.tokens.shape[1]
@@ -325,5 +328,4 @@ def _stack(states: list[State]) -> State:
 
 
 def _cat(a: State, b: State) -> State:
-    return State(**{n: torch.cat([getattr(a, n), getattr(b, n)], 1)
-                    for n in ("tokens", "positions", "doc_ids", "image_ids", "patch_ids")}, latents=a.latents)
+    return State(**{n: torch.cat([getattr(a, n), getattr(b, n)], 1) for n in _SEQ_FIELDS}, latents=a.latents)

@@ -245,11 +245,11 @@ class ShapesDataModule(L.LightningDataModule):
             "shuffled": pack_rows([[p[1]] for p in pairs], n, self.hparams.patch_size, sp),
         }
 
-    def _loader(self, dataset, shuffle: bool, collate) -> DataLoader:
+    def _loader(self, dataset, shuffle: bool, collate, batch_size: int) -> DataLoader:
         hp = self.hparams
         return DataLoader(
             dataset,
-            batch_size=hp.batch_size if collate == self._collate_rows else 64,
+            batch_size=batch_size,
             shuffle=shuffle,
             collate_fn=collate,
             num_workers=hp.num_workers,
@@ -257,12 +257,14 @@ class ShapesDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(_Rows(self, "train", self.hparams.rows_per_epoch), True, self._collate_rows)
+        hp = self.hparams
+        return self._loader(_Rows(self, "train", hp.rows_per_epoch), True, self._collate_rows, hp.batch_size)
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         return [
-            self._loader(_Rows(self, split, self.hparams.val_rows), False, self._collate_rows),
-            self._loader(self.cond_gap_pairs(split), False, self._collate_pairs),
+            self._loader(_Rows(self, split, self.hparams.val_rows), False, self._collate_rows, self.hparams.batch_size),
+            # 64 caption->image pairs per batch, one document per row
+            self._loader(self.cond_gap_pairs(split), False, self._collate_pairs, 64),
         ]
 
     def val_dataloader(self) -> list[DataLoader]:
