@@ -99,6 +99,19 @@ class TransfusionModule(L.LightningModule):
         self._cond_gap_sums: Tensor | None = None
         self._step_start = 0.0
 
+    def configure_model(self) -> None:
+        """FSDP2 under Lightning's ``ModelParallelStrategy``: shard each block, then the rest (embeddings,
+        patcher, head) as one unit. Other strategies (DDP, ``fsdp``) leave the model as it is."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = mesh["data_parallel"]
+        for block in self.model.transformer.blocks:
+            fully_shard(block, mesh=dp_mesh)
+        fully_shard(self.model, mesh=dp_mesh)
+
     # ----------------------------------------------------------------------------------------- forward
     def attention_mask(self, batch: Batch):
         use_flex = self.hparams.attention == "flex" or (self.hparams.attention == "auto" and batch.tokens.is_cuda)
@@ -216,8 +229,10 @@ class TransfusionModule(L.LightningModule):
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
-        # fused: one kernel per parameter (CPU and CUDA) instead of a dozen elementwise ops
-        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=True)
+        # fused: one kernel per parameter (CPU and CUDA) instead of a dozen elementwise ops. Lightning's
+        # mixed-precision plugins refuse gradient clipping with a fused optimizer, so those use foreach.
+        fused = "mixed" not in str(self.trainer.precision)
+        opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(hp.warmup_steps, total // 2)
         floor = hp.min_lr / hp.lr

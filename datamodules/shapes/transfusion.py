@@ -22,7 +22,7 @@ import torch
 from jsonargparse.typing import ClosedUnitInterval, PositiveInt
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.shapes.world import Item, Prompt, Scene, ShapesWorld, caption, sample_prompt, scene_caption
+from datamodules.shapes.world import FAMILIES, Item, Prompt, Scene, ShapesWorld, caption, sample_prompt, scene_caption
 from lit_transfusion.batch import Document, Image, Text, document_length, pack_rows
 from lit_transfusion.tokenizer import TextTokenizer
 from lit_transfusion.vae import LatentCodec, images_to_tensor, vae_latent_shape
@@ -59,6 +59,7 @@ class ShapesDataModule(L.LightningDataModule):
         val_rows: packed validation rows.
         cond_gap_pairs: validation caption->image pairs for ``val/cond_gap``.
         num_workers: DataLoader workers.
+        families: GenEval task families the image prompts are drawn from (default: all six).
     """
 
     def __init__(
@@ -84,10 +85,14 @@ class ShapesDataModule(L.LightningDataModule):
         val_rows: PositiveInt = 64,
         cond_gap_pairs: PositiveInt = 256,
         num_workers: int = 0,
+        families: tuple[str, ...] = FAMILIES,
     ):
         super().__init__()
         self.save_hyperparameters()
-        self.world = ShapesWorld(seed=seed, image_size=image_size)
+        try:
+            self.world = ShapesWorld(seed=seed, image_size=image_size, families=families)
+        except ValueError as e:
+            raise ValueError(f"data.{e}") from None
         try:
             self.latent_shape: tuple[int, int, int] = tuple(vae_latent_shape(vae_path, image_size))
         except FileNotFoundError as e:
@@ -137,6 +142,8 @@ class ShapesDataModule(L.LightningDataModule):
         for f in weights:
             digest.update(f.read_bytes())
         key = f"v{_CACHE_VERSION}-{split}-n{n}-seed{hp.seed}-px{hp.image_size}-vae{digest.hexdigest()[:10]}"
+        if tuple(self.world.families) != FAMILIES:
+            key += "-" + "+".join(self.world.families)
         return Path(hp.data_dir) / f"latents-{key}.pt"
 
     def _split_size(self, split: str) -> int:
