@@ -106,9 +106,11 @@ def lightning_fit(config: str, strategy: str) -> None:
             "--trainer.limit_val_batches=1", "--trainer.precision=bf16-mixed", "--trainer.enable_checkpointing=false",
             "--trainer.callbacks=null", "--trainer.enable_progress_bar=false", "--trainer.accelerator=gpu"]
     if strategy == "fsdp2":
-        args.append("--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy")
+        args.append('--trainer.strategy={"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}')
     else:
         args.append(f"--trainer.strategy={strategy}")
+    if strategy != "auto":  # Lightning's FSDP precision plugins refuse norm clipping
+        args.append("--trainer.gradient_clip_val=null")
     t0 = time.perf_counter()
     try:
         cli = build_cli(["fit", *args])
