@@ -1,0 +1,1 @@
+"""Lightning callbacks: evaluation (sample grids, perplexity, FID, GenEval-style score, captioning accuracy)."""

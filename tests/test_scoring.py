@@ -155,3 +155,24 @@ def test_wrong_captions_score_below_one(samples):
         assert caption_attributes_correct(bad, s.scene) < 1.0, (text, bad)
         n[s.prompt.family] += 1
     assert min(n.values()) >= 50
+
+
+def test_shapeless_blobs_are_not_objects(samples):
+    """What an untrained model draws (VAE decodes of random latents) must not pass as shapes: the
+    shape-fit check drops blobs, so chance-level prompts score low."""
+    import torch
+
+    from lit_transfusion.vae import LatentCodec, tensor_to_images
+
+    from pathlib import Path
+
+    codec = LatentCodec.from_dir(Path(__file__).resolve().parents[1] / "datamodules/shapes/pretrained_vae")
+    latents = torch.randn((200, *codec.latent_shape(32)), generator=torch.Generator().manual_seed(0))
+    images = list(tensor_to_images(codec.decode(latents)))
+    scores = geneval_scores([s.prompt for s in samples[:200]], images)
+    assert scores["overall"] <= 0.15, scores
+    # the same check keeps VAE reconstructions of renders (the best a generator can do) passing
+    from lit_transfusion.vae import images_to_tensor
+
+    rec = tensor_to_images(codec.decode(codec.encode(images_to_tensor(np.stack([s.image for s in samples[:200]])))))
+    assert geneval_scores([s.prompt for s in samples[:200]], list(rec))["overall"] >= 0.95

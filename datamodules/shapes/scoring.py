@@ -24,6 +24,7 @@ SPLIT_ALPHA = 0.8  # bridges between blurred neighbours stay below this
 MAX_OFF_HUE = 0.5  # sin(angle) between a pixel's and its color's direction from the background
 TRIANGLE_DROP = 0.04  # triangle: mass centroid sits ~H/6 below the bbox center (0 for circle/square)
 SQUARE_FILL = 0.89  # soft fill of the bbox: square ~1.0, circle ~0.785, triangle ~0.5
+MIN_FIT = 0.6  # IoU with the ideal shape at the detected box; below it a blob is not an object
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,23 @@ def _alpha_and_color(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(a, 0.0, 1.0), np.where(on_hue, k, -1)
 
 
-def _classify(w: np.ndarray) -> tuple[str, float, float, float]:
-    """Soft mask w [h, w] (alpha of one component, with a 1-px halo) -> (shape, cx, cy, size), local coords.
+def _ideal(shape: str, cx: float, cy: float, size: float, h: int, w: int, k: int = 4) -> np.ndarray:
+    """Coverage [h, w] of the renderer's `shape` with bbox center (cx, cy) and side `size` (k x k samples/pixel)."""
+    xs = ((np.arange(w * k) + 0.5) / k)[None, :]
+    ys = ((np.arange(h * k) + 0.5) / k)[:, None]
+    r = size / 2
+    if shape == "circle":
+        mask = (xs - cx) ** 2 + (ys - cy) ** 2 <= r * r
+    elif shape == "square":
+        mask = (np.abs(xs - cx) <= r) & (np.abs(ys - cy) <= r)
+    else:
+        mask = (ys <= cy + r) & (np.abs(xs - cx) <= (ys - (cy - r)) / 2)
+    return mask.reshape(h, k, w, k).mean(axis=(1, 3))
+
+
+def _classify(w: np.ndarray) -> tuple[str, float, float, float, float]:
+    """Soft mask w [h, w] (alpha of one component, with a 1-px halo) -> (shape, cx, cy, size, fit), local coords;
+    ``fit`` is the IoU of w's half-coverage region with the ideal shape at that box (1 for a clean render, low for a shapeless blob).
 
     Width/height are sums of the column/row max profiles: for any of the three shapes the widest
     row (column) is fully covered, so these measure the bbox side with sub-pixel accuracy even
@@ -81,7 +97,12 @@ def _classify(w: np.ndarray) -> tuple[str, float, float, float]:
         shape = "triangle"
     else:
         shape = "square" if fill > SQUARE_FILL else "circle"
-    return shape, cx, cy, max(width, height)
+    size = max(width, height)
+    ideal = _ideal(shape, cx, cy, size, *w.shape)
+    # IoU of the half-coverage regions: blur moves an edge's 0.5 level little, a blob's outline a lot.
+    a, b = w >= 0.5, ideal >= 0.5
+    fit = float((a & b).sum() / max(int((a | b).sum()), 1))
+    return shape, cx, cy, size, fit
 
 
 def _split(core: np.ndarray, alpha: np.ndarray, min_area: int) -> list[np.ndarray]:
@@ -130,7 +151,9 @@ def detect(image: np.ndarray, min_area: int | None = None) -> list[Detection]:
                 pad[oy:oy + core.shape[0], ox:ox + core.shape[1]] = core
                 grown = ndimage.binary_dilation(pad, np.ones((3, 3), bool)) & ((labels[win] == 0) | pad)
                 soft = np.where(grown & same[win], alpha[win], 0.0)
-                shape, cx, cy, size = _classify(soft)
+                shape, cx, cy, size, fit = _classify(soft)
+                if fit < MIN_FIT:  # a shapeless blob (e.g. an undertrained model's smudge) is no object
+                    continue
                 out.append(Detection(shape, name, x0 + cx, y0 + cy, size, area))
     return out
 

@@ -1,0 +1,34 @@
+"""Perplexity of a Transfusion model on packed documents, with torchmetrics' ``Perplexity``.
+
+Images in the documents are fed clean (t = 0), as context; only positions with a target (``batch.targets !=
+IGNORE``, the same bookkeeping as the training loss) count.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics.text import Perplexity
+
+from lit_transfusion.batch import IGNORE, Batch
+
+
+@torch.no_grad()
+def perplexity(module, batches: list[Batch]) -> float:
+    """exp(mean next-token cross-entropy) over every target position of ``batches``.
+
+    Args:
+        module: a ``TransfusionModule`` (its ``model`` and ``attention_mask`` are used).
+        batches: packed batches (``pack_rows``); moved to the module's device here.
+    """
+    metric = Perplexity(ignore_index=IGNORE).to(module.device)
+    for batch in batches:
+        batch = batch.to(module.device)
+        t = torch.zeros(batch.num_images, dtype=torch.long, device=module.device)
+        out = module.model(batch.tokens, batch.positions, batch.image_ids, batch.patch_ids,
+                           module.attention_mask(batch), batch.latents.to(module.dtype), t)
+        supervised = batch.targets != IGNORE  # [B, L]
+        if not supervised.any():
+            continue
+        logits = module.model.logits(out.hidden[supervised]).float()  # [n, V]: only where a target exists
+        metric.update(logits[None], batch.targets[supervised][None])
+    return float(metric.compute())
