@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
-from callbacks.fid import make_fid
+from callbacks.fid import FEATURES, make_fid
 from callbacks.perplexity import perplexity
 from datamodules.shapes.scoring import caption_attributes_correct, geneval_scores
 from datamodules.shapes.world import FAMILIES, Item, Prompt, caption, render
@@ -87,6 +87,8 @@ class ShapesEvaluation(L.Callback):
         super().__init__()
         self.sampling = SamplingConfig(scheduler=scheduler, steps=steps, guidance_scale=guidance_scale, seed=seed,
                                        max_new_tokens=48)
+        if fid_feature not in FEATURES:
+            raise ValueError(f"fid_feature={fid_feature!r}: expected one of {FEATURES}")
         if fid_feature == "inception" and inception_weights is None:
             make_fid("inception")  # raises the clear "needs a local weights file" message at parse time
         self.every_n_evals, self.prompts_per_family, self.images_per_prompt = every_n_evals, prompts_per_family, images_per_prompt

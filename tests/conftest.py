@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -8,6 +11,7 @@ import torch
 from lit_transfusion.batch import Image, SpecialIds, Text
 
 SPECIAL = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -26,3 +30,34 @@ def random_documents(gen: torch.Generator, n_docs: int, latent_shape=(4, 4, 4), 
         doc.append(Text([SPECIAL.eos]))
         docs.append(doc)
     return docs
+
+
+def small_run_args(tmp: Path) -> list[str]:
+    """Shrink the tiny config to seconds: a nano model, 64 training images, 2 steps."""
+    return [
+        "--model.init_args.size=nano",
+        f"--data.init_args.data_dir={tmp / 'cache'}",
+        "--data.init_args.num_train=64",
+        "--data.init_args.num_val=32",
+        "--data.init_args.val_rows=4",
+        "--data.init_args.cond_gap_pairs=16",
+        "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2",
+        "--trainer.log_every_n_steps=1",
+        f"--trainer.logger.init_args.save_dir={tmp / 'runs'}",
+    ]
+
+
+def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "lit_transfusion", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """A 2-step fit of the tiny config (nano model); returns its run directory."""
+    tmp = tmp_path_factory.mktemp("run")
+    proc = run_cli("fit", "--config", "configs/shapes/tiny.yaml", *small_run_args(tmp))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "runs" / "shapes-tiny" / "version_0"

@@ -8,31 +8,10 @@ from pathlib import Path
 import pytest
 
 from lit_transfusion.cli import main
+from tests.conftest import run_cli, small_run_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
-
-
-def small_run_args(tmp: Path) -> list[str]:
-    """Shrink the tiny config to seconds: a nano model, 64 training images, 2 steps."""
-    return [
-        "--model.init_args.size=nano",
-        f"--data.init_args.data_dir={tmp / 'cache'}",
-        "--data.init_args.num_train=64",
-        "--data.init_args.num_val=32",
-        "--data.init_args.val_rows=4",
-        "--data.init_args.cond_gap_pairs=16",
-        "--trainer.max_steps=2",
-        "--trainer.val_check_interval=2",
-        "--trainer.log_every_n_steps=1",
-        f"--trainer.logger.init_args.save_dir={tmp / 'runs'}",
-    ]
-
-
-def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "lit_transfusion", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -41,15 +20,6 @@ def test_every_config_parses(config, capsys):
         main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "class_path" in capsys.readouterr().out
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """A 2-step fit of the tiny config (nano model); returns its run directory."""
-    tmp = tmp_path_factory.mktemp("run")
-    proc = run_cli("fit", "--config", "configs/shapes/tiny.yaml", *small_run_args(tmp))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "runs" / "shapes-tiny" / "version_0"
 
 
 def test_two_step_fit_writes_checkpoint_and_tensorboard(trained_run):
