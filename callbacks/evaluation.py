@@ -174,7 +174,9 @@ class ShapesEvaluation(L.Callback):
 
         # FID: generated images against held-out renders (real statistics computed once, kept across evaluations).
         if self._fid is None or self._fid_split != split:
-            self._fid = make_fid(self.fid_feature, inception_weights=self.inception_weights).to(device)
+            # sync_on_compute=False: only rank 0 gets here (see the module docstring); a gather would hang.
+            self._fid = make_fid(self.fid_feature, inception_weights=self.inception_weights,
+                                 sync_on_compute=False).to(device)
             n_real = min(self.fid_real, len(dm.scenes[split]))
             real = np.stack([render(s) for s in dm.scenes[split][:n_real]])  # uint8 [n, H, W, 3]
             self._fid.update(torch.from_numpy(real).permute(0, 3, 1, 2).to(device), real=True)

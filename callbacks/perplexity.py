@@ -20,7 +20,8 @@ def perplexity(module, batches: list[Batch]) -> float:
         module: a ``TransfusionModule`` (its ``model`` and ``attention_mask`` are used).
         batches: packed batches (``pack_rows``); moved to the module's device here.
     """
-    metric = Perplexity(ignore_index=IGNORE).to(module.device)
+    # sync_on_compute=False: callers evaluate on one rank; a cross-rank gather here would wait forever.
+    metric = Perplexity(ignore_index=IGNORE, sync_on_compute=False).to(module.device)
     for batch in batches:
         batch = batch.to(module.device)
         t = torch.zeros(batch.num_images, dtype=torch.long, device=module.device)

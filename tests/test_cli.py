@@ -1,5 +1,6 @@
 """The command line: every shipped YAML parses, a 2-step fit runs end to end, bad input fails clearly."""
 
+import json
 import os
 import subprocess
 import sys
@@ -37,7 +38,8 @@ def test_two_step_fit_writes_checkpoint_and_tensorboard(trained_run):
 
 
 def test_ddp_on_cpu_in_a_subprocess(tmp_path):
-    """Two gloo processes (never in-process DDP under pytest: rank 1 would re-run pytest)."""
+    """Two gloo processes (never in-process DDP under pytest: rank 1 would re-run pytest). The evaluation
+    callback runs on rank 0 alone: it must not wait on rank 1 (no metric gathers), and its values get logged."""
     proc = run_cli("fit", "--config", "configs/shapes/tiny.yaml", *small_run_args(tmp_path),
                    "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -47,7 +49,8 @@ def test_ddp_on_cpu_in_a_subprocess(tmp_path):
 
     events = EventAccumulator(str(version))
     events.Reload()
-    assert {"val/cond_gap", "val/loss_image"} <= set(events.Tags()["scalars"])
+    assert {"val/cond_gap", "val/loss_image", "val/geneval/overall", "val/fid", "val/ppl_text"} <= set(events.Tags()["scalars"])
+    assert "val/fid" in json.loads((version / "metrics.json").read_text())["latest"]
 
 
 @pytest.mark.parametrize(
