@@ -102,6 +102,9 @@ class ShapesEvaluation(L.Callback):
         self._last: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------- hooks
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last = {}
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
@@ -110,7 +113,7 @@ class ShapesEvaluation(L.Callback):
             self._evaluate(trainer, pl_module, "val")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._last and not trainer.sanity_checking:
+        if not trainer.sanity_checking:
             self._write_json(trainer, "val")
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -127,6 +130,8 @@ class ShapesEvaluation(L.Callback):
             return
         split = "val" if stage == "val" else "test"
         dm = trainer.datamodule
+        if not all(hasattr(dm, a) for a in ("world", "scenes", "samples", "latents", "caption_ids", "text_document")):
+            raise TypeError(f"ShapesEvaluation needs a ShapesDataModule (datamodules.shapes), got {type(dm).__name__}")
         start = time.perf_counter()
         was_training = pl_module.training
         metrics = self.compute(pl_module, dm, split, log_dir=_run_dir(trainer), step=trainer.global_step,
@@ -223,7 +228,9 @@ class ShapesEvaluation(L.Callback):
         log_dir = _run_dir(trainer)
         if log_dir is None or not trainer.is_global_zero:
             return
-        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
+        # The module's own metrics are fresh at every validation; this callback's only where it just ran.
+        values = {k: float(v) for k, v in trainer.callback_metrics.items()
+                  if k.startswith(f"{stage}/") and (k in self._last or not _is_eval_metric(k))}
         entry = {"step": trainer.global_step, **dict(sorted(values.items()))}
         if stage == "val":
             self._history.append(entry)
@@ -233,6 +240,12 @@ class ShapesEvaluation(L.Callback):
             payload, name = {"latest": entry}, "metrics_test.json"
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / name).write_text(json.dumps(payload, indent=2))
+
+
+def _is_eval_metric(name: str) -> bool:
+    """Is ``name`` (e.g. ``val/fid``) one of the metrics this callback computes?"""
+    metric = name.split("/", 1)[-1]
+    return metric.startswith(("ppl_", "fid", "geneval/", "caption_acc", "eval_seconds"))
 
 
 def _run_dir(trainer: L.Trainer) -> Path | None:
