@@ -105,3 +105,13 @@ def test_with_scene_colors_fills_only_open_colors(dm):
             assert a.color is None or a.color == b.color
             if a.count == 1:
                 assert b.color is not None
+
+
+def test_families_restrict_prompts_and_fail_clearly(tmp_path):
+    with pytest.raises(ValueError, match="families"):
+        ShapesDataModule(data_dir=str(tmp_path), families=("single_object", "not_a_family"))
+    dm = ShapesDataModule(data_dir=str(tmp_path), num_train=24, num_val=8, families=("colors",))
+    dm.setup()
+    assert {p.family for p in dm.samples["train"]} == {"colors"}
+    # its own cache file: a run with all families never reads these latents
+    assert "colors" in dm._cache_path("train", 24).name
