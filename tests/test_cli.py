@@ -53,6 +53,19 @@ def test_ddp_on_cpu_in_a_subprocess(tmp_path):
     assert "val/fid" in json.loads((version / "metrics.json").read_text())["latest"]
 
 
+def test_fsdp2_on_cpu_in_a_subprocess(tmp_path):
+    """FSDP2 (ModelParallelStrategy + TransfusionModule.configure_model) on two gloo processes. Sharded forwards
+    need every rank, so the evaluation callback runs on both; rank 0 logs it."""
+    proc = run_cli("fit", "--config", "configs/shapes/tiny.yaml", *small_run_args(tmp_path),
+                   '--trainer.strategy={"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}',
+                   "--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.gradient_clip_val=null")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    version = tmp_path / "runs" / "shapes-tiny" / "version_0"
+    assert (version / "checkpoints" / "last.ckpt").exists()  # a distributed checkpoint (a directory)
+    latest = json.loads((version / "metrics.json").read_text())["latest"]
+    assert {"val/loss_text", "val/cond_gap", "val/geneval/overall", "val/fid"} <= set(latest)
+
+
 @pytest.mark.parametrize(
     "override, expected",
     [
