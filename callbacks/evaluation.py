@@ -134,8 +134,9 @@ class ShapesEvaluation(L.Callback):
             raise TypeError(f"ShapesEvaluation needs a ShapesDataModule (datamodules.shapes), got {type(dm).__name__}")
         start = time.perf_counter()
         was_training = pl_module.training
-        metrics = self.compute(pl_module, dm, split, log_dir=_run_dir(trainer), step=trainer.global_step,
-                               logger=trainer.logger, stage=stage)
+        zero = trainer.is_global_zero  # under sharding every rank computes; only rank 0 writes files
+        metrics = self.compute(pl_module, dm, split, log_dir=_run_dir(trainer) if zero else None,
+                               step=trainer.global_step, logger=trainer.logger if zero else None, stage=stage)
         pl_module.train(was_training)
         metrics[f"{stage}/eval_seconds"] = time.perf_counter() - start
         for name, value in metrics.items():
