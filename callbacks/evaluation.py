@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
@@ -124,7 +125,7 @@ class ShapesEvaluation(L.Callback):
 
     # ------------------------------------------------------------------------------------------- work
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        sharded = type(trainer.strategy).__name__ in ("ModelParallelStrategy", "FSDPStrategy")
+        sharded = isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy))  # subclasses too
         self._last = {}
         if not (trainer.is_global_zero or sharded):
             return
