@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -35,14 +36,17 @@ def load_run(ckpt_path: str | Path, device: str = "cpu"):
     from lit_transfusion.vae import LatentCodec
 
     ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
+    if not ckpt_path.exists():
         raise SampleError(f"--ckpt_path {str(ckpt_path)!r}: no such checkpoint file")
     config_path = ckpt_path.resolve().parent.parent / "config.yaml"
     if not config_path.is_file():
         raise SampleError(f"no config.yaml next to the checkpoint's run directory ({config_path}); "
                           "expected a checkpoint written by `python -m lit_transfusion fit`")
     try:
-        module = TransfusionModule.load_from_checkpoint(ckpt_path, map_location=device, weights_only=False)
+        source = _consolidated(ckpt_path) if ckpt_path.is_dir() else ckpt_path
+        module = TransfusionModule.load_from_checkpoint(source, map_location=device, weights_only=False)
+    except SampleError:
+        raise
     except Exception as e:  # torch raises many kinds for a truncated / foreign file
         raise SampleError(f"--ckpt_path {str(ckpt_path)!r} is not a readable TransfusionModule checkpoint: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
@@ -53,6 +57,25 @@ def load_run(ckpt_path: str | Path, device: str = "cpu"):
     dm = getattr(importlib.import_module(module_name), cls_name)(**init_args)
     codec = LatentCodec.from_dir(dm.hparams.vae_path).to(device)
     return module.eval(), dm.tokenizer, codec, dm.hparams.image_size
+
+
+def _consolidated(folder: Path) -> io.BytesIO:
+    """A distributed checkpoint (the directory FSDP2 / ``ModelParallelStrategy`` writes) as one in-memory
+    checkpoint file: every shard gathered into full tensors, Lightning's metadata (hparams) merged in."""
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    if not (folder / ".metadata").is_file():
+        raise SampleError(f"--ckpt_path {str(folder)!r} is a directory but not a distributed checkpoint "
+                          "(no .metadata file inside)")
+    checkpoint = _load_distributed_checkpoint(folder)
+    if "model" in checkpoint:  # the `fsdp` strategy's key; ModelParallelStrategy writes "state_dict"
+        checkpoint["state_dict"] = checkpoint.pop("model")
+    for key in [k for k in checkpoint if k.startswith("optimizer_")]:  # sampling needs the weights only
+        del checkpoint[key]
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def _read_image(path: Path, size: int) -> torch.Tensor:
@@ -133,7 +156,8 @@ def _render_segments(segments: list, tok, codec, stem: Path) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lit_transfusion sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt_path", "--ckpt-path", required=True, help="a checkpoint written by fit")
+    p.add_argument("--ckpt_path", "--ckpt-path", required=True,
+                   help="a checkpoint written by fit (a file, or the directory FSDP2 writes)")
     p.add_argument("--prompt", action="append", help="a caption (repeat for several)")
     p.add_argument("--prompts_file", "--prompts-file", help="a text file, one prompt per line")
     p.add_argument("--image", help="caption this image file instead of generating")

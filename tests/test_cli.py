@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lit_transfusion.cli import main
 from tests.conftest import run_cli, small_run_args
@@ -64,6 +65,21 @@ def test_fsdp2_on_cpu_in_a_subprocess(tmp_path):
     assert (version / "checkpoints" / "last.ckpt").exists()  # a distributed checkpoint (a directory)
     latest = json.loads((version / "metrics.json").read_text())["latest"]
     assert {"val/loss_text", "val/cond_gap", "val/geneval/overall", "val/fid"} <= set(latest)
+    # `sample` gathers the shards of the directory checkpoint into one model
+    ckpt = version / "checkpoints" / "last.ckpt"
+    proc = run_cli("sample", "--ckpt_path", str(ckpt), "--prompt", "a red circle", "--num_images", "1",
+                   "--steps", "2", "--scheduler", "ddim", "--out", str(tmp_path / "s"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "s" / "grid.png").is_file()
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    from lit_transfusion.sample import load_run
+
+    module = load_run(ckpt)[0]
+    saved = _load_distributed_checkpoint(ckpt)["state_dict"]
+    loaded = module.state_dict()
+    assert set(saved) == set(loaded)
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
 
 
 @pytest.mark.parametrize(
@@ -105,7 +121,7 @@ def test_sample_writes_images_grid_and_text(trained_run, tmp_path):
     assert "caption" in (tmp_path / "c" / "samples.json").read_text()
 
 
-@pytest.mark.parametrize("case", ["missing-ckpt", "corrupt-ckpt", "bad-scheduler", "not-an-image"])
+@pytest.mark.parametrize("case", ["missing-ckpt", "corrupt-ckpt", "plain-directory", "bad-scheduler", "not-an-image"])
 def test_sample_bad_input_is_one_clear_line(trained_run, tmp_path, case):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     args = ["--ckpt_path", str(ckpt), "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path / "o")]
@@ -116,6 +132,10 @@ def test_sample_bad_input_is_one_clear_line(trained_run, tmp_path, case):
         bad = trained_run / "checkpoints" / "corrupt.ckpt"
         bad.write_bytes(b"not a checkpoint")
         args[1], expected = str(bad), "corrupt.ckpt"
+    elif case == "plain-directory":
+        plain = trained_run / "checkpoints" / "a_dir.ckpt"
+        plain.mkdir(exist_ok=True)
+        args[1], expected = str(plain), "not a distributed checkpoint"
     elif case == "bad-scheduler":
         args += ["--scheduler", "euler"]
         expected = "unknown scheduler 'euler'"
