@@ -48,6 +48,15 @@ class Diffusion(nn.Module):
         u = torch.rand(t_max.shape, generator=generator, device=t_max.device)  # generator on t_max's device
         return (u * t_max.clamp(max=self.num_train_timesteps)).long()
 
+    def loss_weights(self, t: Tensor, snr_gamma: float | None) -> Tensor:
+        """[N] per-image weights of the noise MSE: 1 (the paper's plain loss), or Min-SNR-γ's
+        min(SNR_t, γ) / SNR_t, which caps the weight of nearly clean images (SNR_t = ā_t / (1 - ā_t))."""
+        if snr_gamma is None:
+            return torch.ones(t.shape, device=t.device)
+        a = self.alphas_cumprod[t]
+        snr = a / (1 - a)
+        return snr.clamp(max=snr_gamma) / snr
+
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """x_t = sqrt(ā_t)·x0 + sqrt(1-ā_t)·ε for x0, noise [N, C, h, w] and t [N]."""
         a = self.alphas_cumprod[t].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))

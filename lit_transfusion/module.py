@@ -2,10 +2,12 @@
 
     loss = loss_text + λ · loss_image
     loss_text  = mean next-token cross-entropy over positions with a target (see ``batch.py``)
-    loss_image = mean over images of the per-image mean squared error of the predicted noise
+    loss_image = mean over images of w(t) · the per-image mean squared error of the predicted noise
 
 Averaging the diffusion MSE per image first keeps λ meaning the same thing whatever the number of images
-(or patches) in a batch.
+(or patches) in a batch. w(t) = 1 is the paper's loss; ``snr_gamma`` switches on Min-SNR-γ weighting
+(``Diffusion.loss_weights``). ``mse_image`` (the unweighted mean) is logged either way, so runs with and
+without weighting compare on one curve.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ class TransfusionModule(L.LightningModule):
         attention: "auto" (flex attention on CUDA, SDPA with a dense bool mask elsewhere), "sdpa" or "flex".
         activation_checkpointing: recompute each block in backward to save memory.
         cond_gap_timesteps: timesteps at which ``val/cond_gap`` compares true against shuffled captions.
+        snr_gamma: None (the paper: plain noise MSE) or γ > 0 for Min-SNR-γ weighting, min(SNR_t, γ) / SNR_t
+            per image. It turns down nearly clean images (small t), whose noise MSE is large but says little
+            about the caption, so more of the image gradient goes to the noise levels where text decides the
+            picture (README: "What limits text conditioning").
     """
 
     def __init__(
@@ -72,12 +78,15 @@ class TransfusionModule(L.LightningModule):
         attention: Literal["auto", "sdpa", "flex"] = "auto",
         activation_checkpointing: bool = False,
         cond_gap_timesteps: tuple[int, ...] = (250, 500, 750),
+        snr_gamma: PositiveFloat | None = None,
     ):
         super().__init__()
         if size not in SIZES:
             raise ValueError(f"model.size={size!r} is not a known size: expected one of {', '.join(SIZES)}")
         if image_loss_weight < 0:  # typed NonNegativeFloat for the CLI; this guards direct Python use
             raise ValueError(f"model.image_loss_weight={image_loss_weight}: λ must be >= 0")
+        if snr_gamma is not None and not snr_gamma > 0:
+            raise ValueError(f"model.snr_gamma={snr_gamma}: γ must be > 0, or null for the paper's unweighted loss")
         self.save_hyperparameters()
         shape = {**SIZES[size], **{k: v for k, v in dict(dim=dim, n_layers=n_layers, n_heads=n_heads).items() if v}}
         try:
@@ -129,7 +138,8 @@ class TransfusionModule(L.LightningModule):
             t: [N] timesteps to use; default: t ~ U{0, .., t_max-1} per image.
             generator: makes t and the noise reproducible (validation).
         Returns:
-            dict with ``loss``, ``loss_text``, ``loss_image`` (scalars) and ``mse_per_image`` [N].
+            dict with ``loss``, ``loss_text``, ``loss_image`` (weighted as in ``loss``), ``mse_image``
+            (unweighted) and ``mse_per_image`` [N] (unweighted).
         """
         latents = batch.latents.to(self.dtype)
         if t is None:
@@ -147,12 +157,14 @@ class TransfusionModule(L.LightningModule):
             loss_text = out.hidden.sum() * 0.0
         if batch.num_images:
             mse_per_image = (out.eps.float() - noise.float()).pow(2).flatten(1).mean(1)  # [N]
-            loss_image = mse_per_image.mean()
+            loss_image = (self.diffusion.loss_weights(t, self.hparams.snr_gamma) * mse_per_image).mean()
+            mse_image = mse_per_image.mean()
         else:
             mse_per_image = noise.new_zeros(0)
-            loss_image = out.eps.sum() * 0.0
+            loss_image = mse_image = out.eps.sum() * 0.0
         loss = loss_text + self.hparams.image_loss_weight * loss_image
-        return dict(loss=loss, loss_text=loss_text, loss_image=loss_image, mse_per_image=mse_per_image)
+        return dict(loss=loss, loss_text=loss_text, loss_image=loss_image, mse_image=mse_image,
+                    mse_per_image=mse_per_image)
 
     # ---------------------------------------------------------------------------------------- training
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
@@ -161,7 +173,7 @@ class TransfusionModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         out = self.losses(batch)
         n = batch.tokens.shape[0]
-        for k in ("loss", "loss_text", "loss_image"):
+        for k in ("loss", "loss_text", "loss_image", "mse_image"):
             self.log(f"train/{k}", out[k], prog_bar=k == "loss", batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         return out["loss"]
@@ -190,7 +202,7 @@ class TransfusionModule(L.LightningModule):
         g = torch.Generator(device=self.device).manual_seed(batch_idx)
         if isinstance(batch, Batch):
             out = self.losses(batch, generator=g)
-            for k in ("loss", "loss_text", "loss_image"):
+            for k in ("loss", "loss_text", "loss_image", "mse_image"):
                 self.log(f"{stage}/{k}", out[k], batch_size=batch.tokens.shape[0], sync_dist=True,
                          add_dataloader_idx=False)
             return

@@ -34,7 +34,7 @@ def test_two_step_fit_writes_checkpoint_and_tensorboard(trained_run):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ["train/loss", "train/loss_text", "train/loss_image", "train/lr", "train/tokens_per_s",
-                "val/loss", "val/loss_text", "val/loss_image", "val/cond_gap"]:
+                "val/loss", "val/loss_text", "val/loss_image", "val/cond_gap", "train/mse_image", "val/mse_image"]:
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
 
 
@@ -91,8 +91,10 @@ def test_fsdp2_on_cpu_in_a_subprocess(tmp_path):
         (["--data.init_args.vae_path=/nonexistent/vae"], "/nonexistent/vae"),
         (["--data.init_args.tokenizer_path=/nonexistent/tokenizer.json"], "/nonexistent/tokenizer.json"),
         (["--model.init_args.patcher=mlp"], "patcher"),
+        (["--model.init_args.snr_gamma=0"], "snr_gamma"),
     ],
-    ids=["unknown-key", "negative-lambda", "patch-size", "missing-vae", "missing-tokenizer", "bad-patcher"],
+    ids=["unknown-key", "negative-lambda", "patch-size", "missing-vae", "missing-tokenizer", "bad-patcher",
+         "zero-snr-gamma"],
 )
 def test_bad_input_fails_at_start_naming_the_setting(tmp_path, override, expected):
     proc = run_cli("fit", "--config", "configs/shapes/tiny.yaml", *small_run_args(tmp_path), *override)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
 
 from lit_transfusion.diffusion import SAMPLERS, Diffusion
 
@@ -39,3 +40,15 @@ def test_samplers_are_fresh_and_never_clip(name):
 def test_unknown_sampler():
     with pytest.raises(ValueError, match="unknown scheduler 'euler'"):
         Diffusion().sampler("euler")
+
+
+def test_min_snr_weights_match_diffusers_snr():
+    d = Diffusion()
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    t = torch.tensor([0, 10, 100, 250, 400, 500, 750, 999])
+    snr = compute_snr(ref, t)
+    for gamma in (0.5, 1.0, 5.0):
+        torch.testing.assert_close(d.loss_weights(t, gamma), snr.clamp(max=gamma) / snr)
+    w = d.loss_weights(t, 1.0)
+    assert w[0] < 1e-3 and w[-1] == 1.0 and (w.diff() >= 0).all()  # clean images turned down, noisy ones kept
+    assert torch.equal(d.loss_weights(t, None), torch.ones(8))  # the paper's plain MSE

@@ -43,6 +43,24 @@ def test_losses_match_manual_computation(patcher):
     torch.testing.assert_close(out["mse_per_image"], per_image)
     torch.testing.assert_close(out["loss_image"], per_image.mean())
     torch.testing.assert_close(out["loss"], ce + 5.0 * per_image.mean())
+    torch.testing.assert_close(out["mse_image"], per_image.mean())
+
+
+def test_min_snr_weighting_reweights_only_the_image_term():
+    b = pack_rows([image_docs(2), [[Text([BOS, 5, 6, 9, EOS])]]], 32, 2, SPECIAL)
+    t = torch.tensor([30, 800])  # a nearly clean image (SNR >> 1) and a noisy one (SNR < 1)
+    plain = make_module().eval().losses(b, t=t, generator=torch.Generator().manual_seed(3))
+    m = make_module(snr_gamma=1.0).eval()
+    out = m.losses(b, t=t, generator=torch.Generator().manual_seed(3))
+    a = m.diffusion.alphas_cumprod[t]
+    w = (a / (1 - a)).clamp(max=1.0) / (a / (1 - a))
+    assert w[0] < 0.1 and w[1] == 1.0
+    torch.testing.assert_close(out["mse_per_image"], plain["mse_per_image"])  # same model, same noise
+    torch.testing.assert_close(out["mse_image"], plain["mse_image"])
+    torch.testing.assert_close(out["loss_image"], (w * plain["mse_per_image"]).mean())
+    torch.testing.assert_close(out["loss"], plain["loss_text"] + 5.0 * out["loss_image"])
+    with pytest.raises(ValueError, match="snr_gamma"):
+        make_module(snr_gamma=0.0)
 
 
 def test_image_loss_does_not_depend_on_text_in_batch():
