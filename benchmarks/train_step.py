@@ -1,15 +1,19 @@
-"""Training-step benchmark: step time, tokens/s, peak RSS and model FLOPs utilisation (MFU).
+"""Training-step benchmark: step time, tokens/s, peak RSS and model FLOPs utilisation (MFU), per precision.
 
-    python benchmarks/train_step.py --config configs/shapes/tiny.yaml [--steps 30] [--override ...]
+    python benchmarks/train_step.py --config configs/shapes/tiny.yaml [--steps 30] [--precision 32 bf16-mixed]
+        [--override ...]
 
 FLOPs of one optimizer step (forward + backward) are counted with ``torch.utils.flop_counter.FlopCounterMode``;
-the "peak" is the FLOP/s of a large fp32 matmul measured in the same process, so MFU is a ratio of two numbers
-taken on the same machine at the same time (this is what makes it comparable across noisy runs).
+the "peak" is the FLOP/s of a large matmul in the precision's compute dtype, measured in the same process, so
+MFU is a ratio of two numbers taken on the same machine at the same time (this is what makes it comparable
+across noisy runs). Precisions are timed in interleaved rounds on the same batches; mixed precision runs under
+Lightning's own ``MixedPrecision`` plugin context, as ``trainer.precision`` would.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import statistics
@@ -21,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from lit_transfusion.cli import build_cli  # noqa: E402
@@ -41,10 +46,19 @@ def matmul_peak(n: int = 2048, repeats: int = 10, device: str = "cpu", dtype=tor
     return 2 * n**3 / best
 
 
+def precision_context(precision: str, device: str):
+    """The autocast context Lightning's trainer uses for ``precision`` ("32" -> none)."""
+    if precision == "32":
+        return contextlib.nullcontext()
+    return MixedPrecision(precision, device).forward_context()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/shapes/tiny.yaml")
-    ap.add_argument("--steps", type=int, default=30, help="timed steps (after 3 warm-up steps)")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per precision (after 3 warm-up steps)")
+    ap.add_argument("--precision", nargs="+", default=["32", "bf16-mixed"], choices=["32", "bf16-mixed", "16-mixed"],
+                    help="trainer precisions to time; the first is the baseline of the speed ratio")
     # Anything else is passed to the CLI, e.g. --model.init_args.patcher=unet
     args, overrides = ap.parse_known_args()
 
@@ -59,8 +73,9 @@ def main() -> None:
     batches = [next(loader).to(device) for _ in range(args.steps + 3)]
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
 
-    def step(batch):
-        out = module.losses(batch)
+    def step(batch, precision: str):
+        with precision_context(precision, device):
+            out = module.losses(batch)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
@@ -71,20 +86,20 @@ def main() -> None:
     flops_per_step = counter.get_total_flops()
     opt.zero_grad(set_to_none=True)
 
-    for b in batches[:3]:
-        step(b)
-    times = []
-    for b in batches[3:]:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step(b)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    times: dict[str, list[float]] = {p: [] for p in args.precision}
+    for p in args.precision:
+        for b in batches[:3]:
+            step(b, p)
+    for b in batches[3:]:  # interleaved, so a noisy spell on the machine hits every precision alike
+        for p in args.precision:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step(b, p)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[p].append(time.perf_counter() - t0)
 
-    peak = matmul_peak(device=device)
-    sec = statistics.median(times)
     tokens = statistics.mean(int((b.doc_ids >= 0).sum()) for b in batches)
     images = statistics.mean(b.num_images for b in batches)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -94,13 +109,20 @@ def main() -> None:
     print(f"params           {n_params / 1e6:.2f} M")
     print(f"batch            {batches[0].tokens.shape[0]} rows x {batches[0].tokens.shape[1]} positions, "
           f"{tokens:.0f} real tokens, {images:.1f} images")
-    print(f"step time        {sec * 1000:.0f} ms (median of {len(times)}; min {min(times) * 1000:.0f}, max {max(times) * 1000:.0f})")
-    print(f"tokens/s         {tokens / sec:,.0f}")
-    print(f"images/s         {images / sec:,.1f}")
     print(f"FLOPs/step       {flops_per_step / 1e9:.2f} GFLOP (forward + backward)")
-    print(f"achieved         {flops_per_step / sec / 1e9:.1f} GFLOP/s")
-    print(f"matmul peak      {peak / 1e9:.1f} GFLOP/s (2048^2 fp32, same process)")
-    print(f"MFU              {flops_per_step / sec / peak:.2f}")
+    base = statistics.median(times[args.precision[0]])
+    for p in args.precision:
+        dtype = {"32": torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[p]
+        peak = matmul_peak(device=device, dtype=dtype)
+        sec = statistics.median(times[p])
+        print(f"--- precision {p}")
+        print(f"step time        {sec * 1000:.0f} ms (median of {len(times[p])}; min {min(times[p]) * 1000:.0f}, "
+              f"max {max(times[p]) * 1000:.0f}); {base / sec:.2f}x the speed of precision {args.precision[0]}")
+        print(f"tokens/s         {tokens / sec:,.0f}")
+        print(f"images/s         {images / sec:,.1f}")
+        print(f"achieved         {flops_per_step / sec / 1e9:.1f} GFLOP/s")
+        print(f"matmul peak      {peak / 1e9:.1f} GFLOP/s (2048^2 {str(dtype).removeprefix('torch.')}, same process)")
+        print(f"MFU              {flops_per_step / sec / peak:.2f}")
     print(f"peak RSS         {rss_mb:,.0f} MB")
 
 

@@ -15,6 +15,7 @@ Loss bookkeeping (the paper's):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 from typing import Sequence, Union
 
@@ -117,12 +118,13 @@ def pack_rows(
     row overflows ``seq_len`` or an image's latent grid is not divisible by ``patch_size``.
     """
     B, L = len(rows), seq_len
-    tokens = torch.full((B, L), special.pad, dtype=torch.long)
-    targets = torch.full((B, L), IGNORE, dtype=torch.long)
-    image_ids = torch.full((B, L), -1, dtype=torch.long)
-    patch_ids = torch.full((B, L), -1, dtype=torch.long)
-    doc_ids = torch.full((B, L), -1, dtype=torch.long)
-    positions = torch.zeros((B, L), dtype=torch.long)
+    # Built as Python lists and turned into tensors once per batch (this runs in the training loop).
+    tokens = [[special.pad] * L for _ in range(B)]
+    targets = [[IGNORE] * L for _ in range(B)]
+    image_ids = [[-1] * L for _ in range(B)]
+    patch_ids = [[-1] * L for _ in range(B)]
+    doc_ids = [[-1] * L for _ in range(B)]
+    positions = [[0] * L for _ in range(B)]
     latents: list[Tensor] = []
     t_max: list[int] = []
 
@@ -161,28 +163,29 @@ def pack_rows(
             if cursor + n > L:
                 raise ValueError(f"row {b} needs {cursor + n} positions but seq_len={L}")
             sl = slice(cursor, cursor + n)
-            tokens[b, sl] = torch.tensor(ids)
-            image_ids[b, sl] = torch.tensor(img)
-            patch_ids[b, sl] = torch.tensor(pid)
-            doc_ids[b, sl] = d
-            positions[b, sl] = torch.arange(n)
+            tokens[b][sl] = ids
+            image_ids[b][sl] = img
+            patch_ids[b][sl] = pid
+            doc_ids[b][sl] = [d] * n
+            positions[b][sl] = range(n)
             for i in range(n - 1):
                 # The next position must be text or <boi> (never a patch, never <eoi>).
                 if trainable[i] and img[i + 1] == -1 and ids[i + 1] != special.eoi:
-                    targets[b, cursor + i] = ids[i + 1]
+                    targets[b][cursor + i] = ids[i + 1]
             cursor += n
 
     if latents:
         lat = torch.stack(latents)
     else:  # keep C/h/w unknown-but-valid: a text-only batch has zero images
         lat = torch.zeros((0, 1, patch_size, patch_size))
+    as_long = functools.partial(torch.tensor, dtype=torch.long)
     return Batch(
-        tokens=tokens,
-        targets=targets,
-        image_ids=image_ids,
-        patch_ids=patch_ids,
-        doc_ids=doc_ids,
-        positions=positions,
+        tokens=as_long(tokens),
+        targets=as_long(targets),
+        image_ids=as_long(image_ids),
+        patch_ids=as_long(patch_ids),
+        doc_ids=as_long(doc_ids),
+        positions=as_long(positions),
         latents=lat,
         t_max=torch.tensor(t_max, dtype=torch.long),
     )

@@ -6,8 +6,9 @@
 
 Averaging the diffusion MSE per image first keeps λ meaning the same thing whatever the number of images
 (or patches) in a batch. w(t) = 1 is the paper's loss; ``snr_gamma`` switches on Min-SNR-γ weighting
-(``Diffusion.loss_weights``). ``mse_image`` (the unweighted mean) is logged either way, so runs with and
-without weighting compare on one curve.
+(``Diffusion.loss_weights``); ``timestep_sampling: importance`` then draws t in proportion to w(t) instead
+of weighting uniform t (same expected loss, less gradient noise). ``mse_image`` (the unweighted mean) is
+logged either way, so runs with and without weighting compare on one curve (validation always uses uniform t).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class TransfusionModule(L.LightningModule):
             per image. It turns down nearly clean images (small t), whose noise MSE is large but says little
             about the caption, so more of the image gradient goes to the noise levels where text decides the
             picture (README: "What limits text conditioning").
+        timestep_sampling: how training draws t. "uniform" (the paper): t ~ U{0..T-1} times the weight w(t).
+            "importance" (needs ``snr_gamma``): t ∝ w(t) with a constant weight, the same expected loss without
+            spending compute on images whose weight is near 0 (``Diffusion.importance_timesteps``).
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class TransfusionModule(L.LightningModule):
         activation_checkpointing: bool = False,
         cond_gap_timesteps: tuple[int, ...] = (250, 500, 750),
         snr_gamma: PositiveFloat | None = None,
+        timestep_sampling: Literal["uniform", "importance"] = "uniform",
     ):
         super().__init__()
         if size not in SIZES:
@@ -87,6 +92,11 @@ class TransfusionModule(L.LightningModule):
             raise ValueError(f"model.image_loss_weight={image_loss_weight}: λ must be >= 0")
         if snr_gamma is not None and not snr_gamma > 0:
             raise ValueError(f"model.snr_gamma={snr_gamma}: γ must be > 0, or null for the paper's unweighted loss")
+        if timestep_sampling not in ("uniform", "importance"):
+            raise ValueError(f"model.timestep_sampling={timestep_sampling!r}: expected 'uniform' or 'importance'")
+        if timestep_sampling == "importance" and snr_gamma is None:
+            raise ValueError("model.timestep_sampling='importance' needs model.snr_gamma: it draws t in proportion "
+                             "to the Min-SNR weight, and without weighting every t weighs the same")
         self.save_hyperparameters()
         shape = {**SIZES[size], **{k: v for k, v in dict(dim=dim, n_layers=n_layers, n_heads=n_heads).items() if v}}
         try:
@@ -129,7 +139,11 @@ class TransfusionModule(L.LightningModule):
         return dense_mask(batch.doc_ids, batch.image_ids)
 
     def losses(
-        self, batch: Batch, t: Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        batch: Batch,
+        t: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        timestep_sampling: str = "uniform",
     ) -> dict[str, Tensor]:
         """Noise every image, run the model once, and return the losses.
 
@@ -137,13 +151,17 @@ class TransfusionModule(L.LightningModule):
             batch: a packed :class:`Batch`.
             t: [N] timesteps to use; default: t ~ U{0, .., t_max-1} per image.
             generator: makes t and the noise reproducible (validation).
+            timestep_sampling: "importance" draws the default t with ``Diffusion.importance_timesteps``.
         Returns:
             dict with ``loss``, ``loss_text``, ``loss_image`` (weighted as in ``loss``), ``mse_image``
             (unweighted) and ``mse_per_image`` [N] (unweighted).
         """
         latents = batch.latents.to(self.dtype)
-        if t is None:
-            t = self.diffusion.sample_timesteps(batch.t_max, generator)
+        if t is None and timestep_sampling == "importance":
+            t, weights = self.diffusion.importance_timesteps(batch.t_max, self.hparams.snr_gamma, generator)
+        else:
+            t = self.diffusion.sample_timesteps(batch.t_max, generator) if t is None else t
+            weights = self.diffusion.loss_weights(t, self.hparams.snr_gamma)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         noisy = self.diffusion.add_noise(latents, noise, t)
         out = self.model(
@@ -157,7 +175,7 @@ class TransfusionModule(L.LightningModule):
             loss_text = out.hidden.sum() * 0.0
         if batch.num_images:
             mse_per_image = (out.eps.float() - noise.float()).pow(2).flatten(1).mean(1)  # [N]
-            loss_image = (self.diffusion.loss_weights(t, self.hparams.snr_gamma) * mse_per_image).mean()
+            loss_image = (weights * mse_per_image).mean()
             mse_image = mse_per_image.mean()
         else:
             mse_per_image = noise.new_zeros(0)
@@ -171,7 +189,7 @@ class TransfusionModule(L.LightningModule):
         self._step_start = time.perf_counter()
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        out = self.losses(batch)
+        out = self.losses(batch, timestep_sampling=self.hparams.timestep_sampling)
         n = batch.tokens.shape[0]
         for k in ("loss", "loss_text", "loss_image", "mse_image"):
             self.log(f"train/{k}", out[k], prog_bar=k == "loss", batch_size=n)

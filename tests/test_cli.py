@@ -92,9 +92,10 @@ def test_fsdp2_on_cpu_in_a_subprocess(tmp_path):
         (["--data.init_args.tokenizer_path=/nonexistent/tokenizer.json"], "/nonexistent/tokenizer.json"),
         (["--model.init_args.patcher=mlp"], "patcher"),
         (["--model.init_args.snr_gamma=0"], "snr_gamma"),
+        (["--model.init_args.snr_gamma=null", "--model.init_args.timestep_sampling=importance"], "snr_gamma"),
     ],
     ids=["unknown-key", "negative-lambda", "patch-size", "missing-vae", "missing-tokenizer", "bad-patcher",
-         "zero-snr-gamma"],
+         "zero-snr-gamma", "importance-without-gamma"],
 )
 def test_bad_input_fails_at_start_naming_the_setting(tmp_path, override, expected):
     proc = run_cli("fit", "--config", "configs/shapes/tiny.yaml", *small_run_args(tmp_path), *override)

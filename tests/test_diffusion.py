@@ -52,3 +52,23 @@ def test_min_snr_weights_match_diffusers_snr():
     w = d.loss_weights(t, 1.0)
     assert w[0] < 1e-3 and w[-1] == 1.0 and (w.diff() >= 0).all()  # clean images turned down, noisy ones kept
     assert torch.equal(d.loss_weights(t, None), torch.ones(8))  # the paper's plain MSE
+
+
+def test_importance_timesteps_keep_the_expected_min_snr_loss():
+    """Drawing t ∝ w(t) with a constant weight is an unbiased estimate of uniform t weighted by w(t), for
+    the full-range images and for noise-limited ones (which stay uniform, weighted by w(t))."""
+    d, gamma = Diffusion(), 1.0
+    f = torch.linspace(2.0, 0.1, 1000) ** 2  # any per-image loss as a function of t
+    w = d.loss_weights(torch.arange(1000), gamma)
+    for cap in (1000, 500):
+        t_max = torch.full((200_000,), cap)
+        t, weights = d.importance_timesteps(t_max, gamma, torch.Generator().manual_seed(0))
+        assert t.min() >= 0 and t.max() < cap
+        want = (w[:cap] * f[:cap]).mean()  # E over uniform t < cap of w(t)·f(t), exactly
+        got = (weights * f[t]).mean()
+        assert abs(got / want - 1) < 0.01, (cap, got, want)
+    t, weights = d.importance_timesteps(torch.full((200_000,), 1000), gamma, torch.Generator().manual_seed(1))
+    assert torch.allclose(weights, w.mean().expand_as(weights))  # one constant weight
+    hist = torch.bincount(t // 100, minlength=10).float() / len(t)  # follows w: few nearly clean images
+    torch.testing.assert_close(hist, w.view(10, 100).sum(1) / w.sum(), atol=0.005, rtol=0)
+    assert hist[0] < 0.01 and hist[-1] > 0.15

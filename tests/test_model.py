@@ -63,6 +63,29 @@ def test_min_snr_weighting_reweights_only_the_image_term():
         make_module(snr_gamma=0.0)
 
 
+def test_importance_timesteps_weigh_full_range_images_by_the_mean_weight():
+    """timestep_sampling='importance': the drawn t of a full-range image carries the constant mean weight;
+    a noise-limited (image-first) one keeps uniform t and its own Min-SNR weight; an explicit t (validation)
+    is left alone."""
+    docs = image_docs(2)
+    docs[1][1] = Image(docs[1][1].latent, t_max=500)
+    b = pack_rows([docs], 32, 2, SPECIAL)
+    m = make_module(snr_gamma=1.0).eval()
+    g = torch.Generator().manual_seed(5)
+    out = m.losses(b, generator=g, timestep_sampling="importance")
+    t, w = m.diffusion.importance_timesteps(b.t_max, 1.0, torch.Generator().manual_seed(5))
+    assert t[1] < 500
+    w_all = m.diffusion.loss_weights(torch.arange(1000), 1.0)
+    torch.testing.assert_close(w, torch.stack([w_all.mean(), w_all[t[1]]]))
+    torch.testing.assert_close(out["loss_image"], (w * out["mse_per_image"]).mean())
+    fixed = torch.tensor([30, 300])
+    a = m.losses(b, t=fixed, generator=torch.Generator().manual_seed(3), timestep_sampling="importance")
+    u = m.losses(b, t=fixed, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(a["loss_image"], u["loss_image"])
+    with pytest.raises(ValueError, match="snr_gamma"):
+        make_module(timestep_sampling="importance")
+
+
 def test_image_loss_does_not_depend_on_text_in_batch():
     """Per-image averaging: adding text documents (other rows or the same row) leaves loss_image unchanged."""
     m = make_module().eval()

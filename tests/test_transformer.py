@@ -33,3 +33,29 @@ def test_kv_prefix_equals_full_pass():
     _, kv = net(x[:, :split], pos[:, :split], dense_mask(doc[:, :split], img[:, :split]))
     tail, _ = net(x[:, split:], pos[:, split:], dense_mask(doc, img, doc[:, split:], img[:, split:]), past=kv)
     torch.testing.assert_close(tail, full[:, split:], rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_bf16_autocast_matches_fp32_and_keeps_the_mask():
+    """Under CPU bf16 autocast (``precision: bf16-mixed``; attention itself runs in fp32 there) the output
+    stays within bf16 rounding of the fp32 pass, and a later position still cannot reach an earlier one."""
+    torch.manual_seed(0)
+    cfg = TransformerConfig(dim=64, n_layers=2, n_heads=4, max_seq_len=64)
+    net = Transformer(cfg).eval()
+    B, L = 2, 16
+    x = torch.randn(B, L, 64)
+    pos = torch.arange(L).expand(B, L)
+    doc = torch.zeros(B, L, dtype=torch.long)
+    img = torch.full((B, L), -1)
+    img[:, 5:9] = 0
+    mask = dense_mask(doc, img)
+    ref, _ = net(x, pos, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, kv = net(x, pos, mask)
+        x2 = x.clone()
+        x2[:, 12:] += 1.0  # only positions after the image change
+        out2, _ = net(x2, pos, mask)
+    assert kv[0][0].dtype == torch.bfloat16  # the projections did run in bf16
+    err = (out.float() - ref).norm() / ref.norm()
+    assert err < 2e-2, err
+    torch.testing.assert_close(out2[:, :12], out[:, :12], rtol=0, atol=0)
+    assert not torch.equal(out2[:, 12:], out[:, 12:])
