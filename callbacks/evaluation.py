@@ -65,7 +65,8 @@ class ShapesEvaluation(L.Callback):
         inception_weights: path to FID Inception-v3 weights (nothing is downloaded).
         num_captions: held-out renders to caption for ``caption_acc``.
         ppl_documents: held-out documents of each kind for ``ppl_text`` / ``ppl_caption``.
-        scheduler, steps, guidance_scale: image sampling (the paper: DDPM 250 steps; guidance 3 in ablations).
+        scheduler, steps, guidance_scale, guidance_interval: image sampling (the paper: DDPM 250 steps;
+            guidance 3 in ablations, at every step); see ``SamplingConfig``.
         seed: fixes the prompts' noise, so evaluations differ only by the model.
     """
 
@@ -83,11 +84,12 @@ class ShapesEvaluation(L.Callback):
         scheduler: str = "ddim",
         steps: PositiveInt = 25,
         guidance_scale: float = 3.0,
+        guidance_interval: tuple[int, int] = (0, 1000),
         seed: int = 0,
     ):
         super().__init__()
-        self.sampling = SamplingConfig(scheduler=scheduler, steps=steps, guidance_scale=guidance_scale, seed=seed,
-                                       max_new_tokens=48)
+        self.sampling = SamplingConfig(scheduler=scheduler, steps=steps, guidance_scale=guidance_scale,
+                                       guidance_interval=tuple(guidance_interval), seed=seed, max_new_tokens=48)
         if fid_feature not in FEATURES:
             raise ValueError(f"fid_feature={fid_feature!r}: expected one of {FEATURES}")
         if fid_feature == "inception" and inception_weights is None:

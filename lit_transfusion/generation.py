@@ -39,6 +39,9 @@ class SamplingConfig:
         temperature: 0 = greedy. top_k: keep the k most likely tokens (0 = all). top_p: nucleus mass (1 = all).
         scheduler: one of ddpm, ddim, dpm++. steps: denoising steps (paper: 250 DDPM).
         guidance_scale: classifier-free guidance s (1 = no guidance, conditional only).
+        guidance_interval: (lo, hi) training timesteps; guidance applies at the denoising steps with
+            lo <= t < hi and the conditional prediction alone elsewhere (Kynkäänniemi et al. 2024, "Applying
+            guidance in a limited interval"). Default (0, 1000): every step, the paper's sampler.
         seed: makes noise and token sampling reproducible.
     """
 
@@ -50,6 +53,7 @@ class SamplingConfig:
     scheduler: str = "ddpm"
     steps: int = 250
     guidance_scale: float = 3.0
+    guidance_interval: tuple[int, int] = (0, 1000)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -59,6 +63,9 @@ class SamplingConfig:
             raise ValueError(f"steps={self.steps}: expected >= 1")
         if self.guidance_scale < 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("guidance_scale and temperature must be >= 0 and top_p in (0, 1]")
+        lo, hi = self.guidance_interval
+        if not 0 <= lo < hi:
+            raise ValueError(f"guidance_interval={self.guidance_interval}: expected 0 <= lo < hi (timesteps)")
 
 
 _SEQ_FIELDS = ("tokens", "positions", "doc_ids", "image_ids", "patch_ids")  # the per-position [B, L] fields
@@ -250,7 +257,8 @@ class TransfusionSampler:
             eps = self._run(run, new, append=False, latents=lat, t=t)[1][t_prev.shape[0]:]  # [B or 2B, C, h, w]
             if guided:
                 eps_c, eps_u = eps[:B], eps[B:]
-                eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)
+                lo, hi = cfg.guidance_interval
+                eps = eps_u + cfg.guidance_scale * (eps_c - eps_u) if lo <= int(step_t) < hi else eps_c
             x = sched.step(eps, step_t, x, generator=gen).prev_sample
         # Write the clean image into the conditional sequence at t = 0 (its keys/values join the cache).
         new = self._image_positions(cond)

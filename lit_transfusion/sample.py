@@ -99,7 +99,8 @@ def run(args: argparse.Namespace) -> dict:
 
     cfg = SamplingConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        scheduler=args.scheduler, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+        scheduler=args.scheduler, steps=args.steps, guidance_scale=args.guidance_scale,
+        guidance_interval=tuple(args.guidance_interval), seed=args.seed,
     )
     module, tok, codec, image_size = load_run(args.ckpt_path, args.device)
     sampler = TransfusionSampler(module.model, module.diffusion, tok.special)
@@ -165,6 +166,8 @@ def parser() -> argparse.ArgumentParser:
                    help="image: prompt = caption -> images; text: continue the prompt, images where the model opens one")
     p.add_argument("--num_images", "--num-images", type=int, default=4, help="images per prompt")
     p.add_argument("--guidance_scale", "--guidance-scale", type=float, default=3.0)
+    p.add_argument("--guidance_interval", "--guidance-interval", type=int, nargs=2, default=[0, 1000],
+                   metavar=("LO", "HI"), help="guide only the steps with LO <= t < HI (default: all)")
     p.add_argument("--steps", type=int, default=250, help="denoising steps (paper: 250)")
     p.add_argument("--scheduler", default="ddpm", help=f"one of {', '.join(SAMPLERS)}")
     p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=48)

@@ -77,6 +77,22 @@ def test_guidance_scale_one_is_the_conditional_prediction(module):
     torch.testing.assert_close(guided_path, cond_only, rtol=1e-4, atol=1e-4)
 
 
+def test_guidance_interval_switches_guidance_per_step(module):
+    """Guidance only at steps with lo <= t < hi: an interval holding no step equals the conditional run, one
+    holding every step equals full guidance, and one holding some steps is neither."""
+    s = samplers(module)[0]
+    base = dict(scheduler="ddim", steps=5, guidance_scale=3.0, seed=2)  # DDIM-5 timesteps: 800 600 400 200 0
+    run = lambda **kw: s.generate_images([[7, 8]], SamplingConfig(**{**base, **kw}))  # noqa: E731
+    cond_only = run(guidance_scale=1.0)
+    full = run()
+    torch.testing.assert_close(run(guidance_interval=(900, 1000)), cond_only, rtol=0, atol=2e-3)  # batch of 2 vs 1
+    torch.testing.assert_close(run(guidance_interval=(0, 801)), full, rtol=0, atol=1e-6)
+    part = run(guidance_interval=(0, 700))
+    assert (part - full).abs().max() > 0.05 and (part - cond_only).abs().max() > 0.05
+    with pytest.raises(ValueError, match="guidance_interval"):
+        SamplingConfig(guidance_interval=(500, 500))
+
+
 def test_clean_image_written_to_cache_matches_full_forward(module):
     s = samplers(module)[0]
     sp = SPECIAL
