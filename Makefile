@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-train: $(STAMP)  ## the main job: Transfusion on the embedded shapes world (~19 min on 2 CPU cores)
+train: $(STAMP)  ## the main job: Transfusion on the embedded shapes world (~18 min on 2 CPU cores)
 	$(PY) -m lit_transfusion fit --config configs/shapes/tiny.yaml
 
 test: $(STAMP)  ## fast tests (a few minutes)
