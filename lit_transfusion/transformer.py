@@ -73,13 +73,14 @@ class Attention(nn.Module):
         new_kv = (k, v)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        if (isinstance(mask, Tensor) or mask is None) and q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # Under CPU bf16 autocast, attention alone stays fp32: the CPU bf16 flash-attention backward is
-            # ~2.5x slower than fp32 (benchmarks/train_step.py --precision), while the matmuls gain ~2x.
-            with torch.autocast("cpu", enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).type_as(q)
-        elif isinstance(mask, Tensor) or mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if isinstance(mask, Tensor) or mask is None:
+            if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+                # Under CPU bf16 autocast, attention alone stays fp32: PyTorch's CPU bf16 flash-attention
+                # backward is ~2.5x slower than its fp32 one (torch.profiler, tiny config), while matmuls gain ~2x.
+                with torch.autocast("cpu", enabled=False):
+                    y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).type_as(q)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:  # flex BlockMask (CUDA)
             y = _flex_attention()(q, k, v, block_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(B, L, D)), new_kv
