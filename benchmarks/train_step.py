@@ -46,6 +46,10 @@ def matmul_peak(n: int = 2048, repeats: int = 10, device: str = "cpu", dtype=tor
     return 2 * n**3 / best
 
 
+# Trainer precisions this script times, and the dtype their matmuls run in (for the same-dtype matmul peak).
+COMPUTE_DTYPE = {"32": torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
 def precision_context(precision: str, device: str):
     """The autocast context Lightning's trainer uses for ``precision`` ("32" -> none)."""
     if precision == "32":
@@ -57,7 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/shapes/tiny.yaml")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per precision (after 3 warm-up steps)")
-    ap.add_argument("--precision", nargs="+", default=["32", "bf16-mixed"], choices=["32", "bf16-mixed", "16-mixed"],
+    ap.add_argument("--precision", nargs="+", default=["32", "bf16-mixed"], choices=list(COMPUTE_DTYPE),
                     help="trainer precisions to time; the first is the baseline of the speed ratio")
     # Anything else is passed to the CLI, e.g. --model.init_args.patcher=unet
     args, overrides = ap.parse_known_args()
@@ -112,7 +116,7 @@ def main() -> None:
     print(f"FLOPs/step       {flops_per_step / 1e9:.2f} GFLOP (forward + backward)")
     base = statistics.median(times[args.precision[0]])
     for p in args.precision:
-        dtype = {"32": torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[p]
+        dtype = COMPUTE_DTYPE[p]
         peak = matmul_peak(device=device, dtype=dtype)
         sec = statistics.median(times[p])
         print(f"--- precision {p}")
