@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv train test test-all bench clean-cache
+.PHONY: venv train test test-fast test-all lint bench clean-cache
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,11 +16,16 @@ venv: $(STAMP)
 train: $(STAMP)  ## the main job: Transfusion on the embedded shapes world (~18 min on 2 CPU cores)
 	$(PY) -m lit_transfusion fit --config configs/shapes/tiny.yaml
 
-test: $(STAMP)  ## fast tests (a few minutes)
+test: $(STAMP)  ## the whole test suite, slow tests included
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)  ## skip the slow tests (multi-process, notebook, retraining)
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: $(STAMP)  ## every test, slow ones included
-	$(PY) -m pytest -q
+test-all: test  ## alias of test
+
+lint: $(STAMP)  ## ruff (configuration in pyproject.toml)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)  ## training step time, tokens/s, peak RSS, MFU for the tiny config
 	$(PY) benchmarks/train_step.py --config configs/shapes/tiny.yaml

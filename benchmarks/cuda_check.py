@@ -90,7 +90,7 @@ def time_steps(module, batches, attention: str, bf16: bool) -> float:
 def timings(module, dm, label: str, steps: int) -> None:
     loader = iter(dm.train_dataloader())
     batches = [next(loader).to("cuda") for _ in range(steps + 3)]
-    tokens = statistics.mean(int((b.doc_ids >= 0).sum()) for b in batches)
+    tokens = statistics.mean(int((b.seq.doc_ids >= 0).sum()) for b in batches)
     base = None
     for attention in ("sdpa", "flex"):
         for bf16 in (False, True):
@@ -137,8 +137,9 @@ def main() -> None:
     compare_sampling(module, dm)
     timings(module, dm, f"{args.config} (16x128)", args.steps)
 
-    long_module, long_dm = build(args.config, "--model.init_args.size=small", f"--data.init_args.seq_len={args.long_seq_len}",
-                                 "--data.init_args.batch_size=8", f"--model.init_args.max_seq_len={args.long_seq_len}")
+    long_module, long_dm = build(args.config, "--model.init_args.size=small",
+                                 f"--data.init_args.seq_len={args.long_seq_len}", "--data.init_args.batch_size=8",
+                                 f"--model.init_args.max_seq_len={args.long_seq_len}")
     long_module.cuda().train()
     compare_attention(long_module, next(iter(long_dm.train_dataloader())).to("cuda"))
     timings(long_module, long_dm, f"small, 8x{args.long_seq_len}", args.steps)

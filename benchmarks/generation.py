@@ -9,6 +9,7 @@ Timings do not depend on the weights, so without a checkpoint a freshly initiali
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -53,14 +54,15 @@ def main() -> None:
     torch.manual_seed(1)
     caption = torch.randint(5, V, (8,)).tolist()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f}M params, {module.model.cfg.patches_per_image} patches/image")
+          f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f}M params, "
+          f"{module.model.cfg.patches_per_image} patches/image")
 
     print("\nseconds per image (batch of 4 images, cached, DDPM/DDIM)")
     step_counts = (20,) if args.quick else (250, 50, 20)
     for steps in step_counts:
         for scale in (1.0, 3.0):
             cfg = SamplingConfig(scheduler="ddpm" if steps == 250 else "ddim", steps=steps, guidance_scale=scale)
-            sec = timed(lambda: cached.generate_images([caption] * 4, cfg)) / 4
+            sec = timed(functools.partial(cached.generate_images, [caption] * 4, cfg)) / 4
             print(f"  steps {steps:>3}  guidance {scale:.0f}{' (off)' if scale == 1 else '      '}  {sec:7.3f} s/image")
 
     print("\ncached vs recomputed denoising, 1 image, 20 DDIM steps, guidance 3")
@@ -71,7 +73,8 @@ def main() -> None:
             continue
         prompt = torch.randint(5, V, (n,)).tolist()
         cfg = SamplingConfig(scheduler="ddim", steps=20, guidance_scale=3.0)
-        a, b = timed(lambda: cached.generate_images([prompt], cfg)), timed(lambda: full.generate_images([prompt], cfg))
+        a = timed(functools.partial(cached.generate_images, [prompt], cfg))
+        b = timed(functools.partial(full.generate_images, [prompt], cfg))
         print(f"  prompt {n:>3} tokens: cached {a / 20 * 1000:6.1f} ms/step   recomputed {b / 20 * 1000:6.1f} ms/step"
               f"   speed-up {b / a:4.1f}x")
 
@@ -79,7 +82,7 @@ def main() -> None:
     prompt = [[[special.bos, *torch.randint(5, V, (63,)).tolist()]]]  # one prompt of one text segment
     cfg = SamplingConfig(max_new_tokens=64, min_new_tokens=64)
     for name, s in (("cached", cached), ("recomputed", full)):
-        def decode():
+        def decode(s=s):
             state, hidden = s.start(prompt)
             return s.decode_text(state, hidden, cfg, torch.Generator())
 

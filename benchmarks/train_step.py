@@ -3,6 +3,10 @@
     python benchmarks/train_step.py --config configs/shapes/tiny.yaml [--steps 30] [--precision 32 bf16-mixed]
         [--override ...]
 
+By default "32" is timed, and "bf16-mixed" too where the hardware computes bf16 natively (a CUDA GPU with bf16,
+or a CPU with AVX512-BF16/AMX: ``lit_transfusion.hardware.cpu_bf16_native``); elsewhere bf16 is emulated, hundreds
+of times slower than fp32, so it is skipped with a line saying so. An explicit ``--precision`` list is timed as given.
+
 FLOPs of one optimizer step (forward + backward) are counted with ``torch.utils.flop_counter.FlopCounterMode``;
 the "peak" is the FLOP/s of a large matmul in the precision's compute dtype, measured in the same process, so
 MFU is a ratio of two numbers taken on the same machine at the same time (this is what makes it comparable
@@ -29,6 +33,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from lit_transfusion.cli import build_cli  # noqa: E402
+from lit_transfusion.hardware import cpu_bf16_native, cpu_capability  # noqa: E402
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10, device: str = "cpu", dtype=torch.float32) -> float:
@@ -50,6 +55,30 @@ def matmul_peak(n: int = 2048, repeats: int = 10, device: str = "cpu", dtype=tor
 COMPUTE_DTYPE = {"32": torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
+def default_precisions(device: str) -> tuple[list[str], str | None]:
+    """The precisions timed without ``--precision``, and the line explaining a skipped bf16 (or None)."""
+    if device == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return ["32", "bf16-mixed"], None
+        return ["32"], (f"bf16-mixed skipped: {torch.cuda.get_device_name()} has no bf16 support; "
+                        "pass --precision bf16-mixed to time it anyway")
+    if cpu_bf16_native():
+        return ["32", "bf16-mixed"], None
+    return ["32"], (f"bf16-mixed skipped: this CPU has no native bf16 (capability {cpu_capability()}); "
+                    "pass --precision bf16-mixed to time it anyway")
+
+
+def peak_size(dtype: torch.dtype, device: str) -> tuple[int, int, str]:
+    """(n, repeats, note) of the matmul peak: bounded where the CPU emulates the dtype.
+
+    An emulated bf16/fp16 matmul runs at well under 1 GFLOP/s on CPU, so 10 repeats of 2048^2 would take
+    minutes; 2 repeats of 512^2 (0.27 GFLOP each) take seconds and still give the rate to a few percent.
+    """
+    if device == "cpu" and dtype != torch.float32 and not (dtype == torch.bfloat16 and cpu_bf16_native()):
+        return 512, 2, f"; 2 repeats: no native {str(dtype).removeprefix('torch.')} on this CPU"
+    return 2048, 10, ""
+
+
 def precision_context(precision: str, device: str):
     """The autocast context Lightning's trainer uses for ``precision`` ("32" -> none)."""
     if precision == "32":
@@ -61,8 +90,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/shapes/tiny.yaml")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per precision (after 3 warm-up steps)")
-    ap.add_argument("--precision", nargs="+", default=["32", "bf16-mixed"], choices=list(COMPUTE_DTYPE),
-                    help="trainer precisions to time; the first is the baseline of the speed ratio")
+    ap.add_argument("--precision", nargs="+", default=None, choices=list(COMPUTE_DTYPE),
+                    help="trainer precisions to time; the first is the baseline of the speed ratio (default: 32, "
+                         "plus bf16-mixed where the GPU/CPU has native bf16)")
     # Anything else is passed to the CLI, e.g. --model.init_args.patcher=unet
     args, overrides = ap.parse_known_args()
 
@@ -70,6 +100,9 @@ def main() -> None:
     cli = build_cli(["--config", args.config, "--trainer.logger=false", *overrides], run=False)
     module, dm = cli.model, cli.datamodule
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    skipped = None
+    if args.precision is None:
+        args.precision, skipped = default_precisions(device)
     module.to(device).train()
     dm.prepare_data()
     dm.setup("fit")
@@ -104,20 +137,23 @@ def main() -> None:
                 torch.cuda.synchronize()
             times[p].append(time.perf_counter() - t0)
 
-    tokens = statistics.mean(int((b.doc_ids >= 0).sum()) for b in batches)
+    tokens = statistics.mean(int((b.seq.doc_ids >= 0).sum()) for b in batches)
     images = statistics.mean(b.num_images for b in batches)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     n_params = sum(p.numel() for p in module.parameters())
     print(f"config           {args.config} {' '.join(overrides)}")
     print(f"device           {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"params           {n_params / 1e6:.2f} M")
-    print(f"batch            {batches[0].tokens.shape[0]} rows x {batches[0].tokens.shape[1]} positions, "
+    print(f"batch            {batches[0].seq.shape[0]} rows x {batches[0].seq.shape[1]} positions, "
           f"{tokens:.0f} real tokens, {images:.1f} images")
     print(f"FLOPs/step       {flops_per_step / 1e9:.2f} GFLOP (forward + backward)")
+    if skipped:
+        print(skipped)
     base = statistics.median(times[args.precision[0]])
     for p in args.precision:
         dtype = COMPUTE_DTYPE[p]
-        peak = matmul_peak(device=device, dtype=dtype)
+        n, repeats, note = peak_size(dtype, device)
+        peak = matmul_peak(n, repeats, device=device, dtype=dtype)
         sec = statistics.median(times[p])
         print(f"--- precision {p}")
         print(f"step time        {sec * 1000:.0f} ms (median of {len(times[p])}; min {min(times[p]) * 1000:.0f}, "
@@ -125,7 +161,8 @@ def main() -> None:
         print(f"tokens/s         {tokens / sec:,.0f}")
         print(f"images/s         {images / sec:,.1f}")
         print(f"achieved         {flops_per_step / sec / 1e9:.1f} GFLOP/s")
-        print(f"matmul peak      {peak / 1e9:.1f} GFLOP/s (2048^2 {str(dtype).removeprefix('torch.')}, same process)")
+        print(f"matmul peak      {peak / 1e9:.1f} GFLOP/s ({n}^2 {str(dtype).removeprefix('torch.')}, "
+              f"same process{note})")
         print(f"MFU              {flops_per_step / sec / peak:.2f}")
     print(f"peak RSS         {rss_mb:,.0f} MB")
 

@@ -52,7 +52,8 @@ def make_fid(
 
         net = load_feature_net(feature_net_path)
         # normalize=False: the metric passes images through untouched and the net accepts uint8.
-        return FrechetInceptionDistance(feature=net, normalize=False, reset_real_features=reset_real_features, **metric_kwargs)
+        return FrechetInceptionDistance(feature=net, normalize=False, reset_real_features=reset_real_features,
+                                        **metric_kwargs)
     if feature == "inception":
         if inception_weights is None:
             raise ValueError(f"make_fid('inception') got no inception_weights. {INCEPTION_WEIGHTS_HINT}.")
@@ -66,10 +67,12 @@ def make_fid(
                                       "`pip install torch-fidelity` (or use feature='shapes').")
         from torchmetrics.image.fid import NoTrainInceptionV3
 
-        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path))
+        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                 feature_extractor_weights_path=str(path))
         # Passing the built module (with num_features) rather than feature=2048 keeps the weights path explicit.
         net.num_features = 2048
-        return FrechetInceptionDistance(feature=net, normalize=False, reset_real_features=reset_real_features, **metric_kwargs)
+        return FrechetInceptionDistance(feature=net, normalize=False, reset_real_features=reset_real_features,
+                                        **metric_kwargs)
     raise ValueError(f"feature must be one of {FEATURES}, got {feature!r}")
 
 

@@ -17,7 +17,7 @@ def perplexity(module, batches: list[Batch]) -> float:
     """exp(mean next-token cross-entropy) over every target position of ``batches``.
 
     Args:
-        module: a ``TransfusionModule`` (its ``model`` and ``attention_mask`` are used).
+        module: a ``TransfusionModule`` (called on each batch with its images clean, t = 0).
         batches: packed batches (``pack_rows``); moved to the module's device here.
     """
     # sync_on_compute=False: callers evaluate on one rank; a cross-rank gather here would wait forever.
@@ -25,11 +25,8 @@ def perplexity(module, batches: list[Batch]) -> float:
     for batch in batches:
         batch = batch.to(module.device)
         t = torch.zeros(batch.num_images, dtype=torch.long, device=module.device)
-        out = module.model(batch.tokens, batch.positions, batch.image_ids, batch.patch_ids,
-                           module.attention_mask(batch), batch.latents.to(module.dtype), t)
-        supervised = batch.targets != IGNORE  # [B, L]
-        if not supervised.any():
-            continue
-        logits = module.model.logits(out.hidden[supervised]).float()  # [n, V]: only where a target exists
-        metric.update(logits[None], batch.targets[supervised][None])
+        out = module(batch, batch.latents, t)
+        logits, targets = module.model.target_logits(out.hidden, batch.targets)  # [n, V], [n]
+        if targets.numel():
+            metric.update(logits[None], targets[None])
     return float(metric.compute())

@@ -16,8 +16,8 @@ Loss bookkeeping (the paper's):
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Sequence, Union
 
 import torch
 from torch import Tensor
@@ -53,49 +53,108 @@ class Image:
     t_max: int = 1000
 
 
-Segment = Union[Text, Image]
+Segment = Text | Image
 Document = list  # list[Segment]
+
+
+# What a left pad (or any filler position) holds in each per-position field: its own "document" (-1), no image.
+_FILL = {"tokens": 0, "positions": 0, "doc_ids": -1, "image_ids": -1, "patch_ids": -1}
+
+
+@dataclass
+class Seq:
+    """The per-position fields of ``B`` packed rows of ``L`` positions, each ``[B, L]`` long.
+
+    tokens     text ids; ``<boi>``/``<eoi>`` around images; pad id at patch positions and pads
+    positions  position within the document (RoPE resets per document)
+    doc_ids    document index within the row, -1 for pads
+    image_ids  index into the batch's latents at patch positions; -1 elsewhere (<boi>/<eoi> are text)
+    patch_ids  -1 for text, else raster index of the patch within its image
+
+    The model, the attention mask, the training batch and the generation state all speak in this type, so
+    the fields travel together and cannot be swapped.
+    """
+
+    tokens: Tensor
+    positions: Tensor
+    doc_ids: Tensor
+    image_ids: Tensor
+    patch_ids: Tensor
+
+    def map(self, fn) -> Seq:
+        """A new Seq with ``fn(name, tensor)`` applied to every field."""
+        return Seq(**{f.name: fn(f.name, getattr(self, f.name)) for f in fields(self)})
+
+    def to(self, device: torch.device | str) -> Seq:
+        return self.map(lambda _, x: x.to(device, non_blocking=True))
+
+    def cat(self, other: Seq) -> Seq:
+        """Positions of ``other`` after those of ``self`` (along L)."""
+        return self.map(lambda name, x: torch.cat([x, getattr(other, name)], 1))
+
+    def left_pad(self, n: int) -> Seq:
+        """``n`` filler positions in front of every row (their own document: invisible to real positions)."""
+        return self.map(lambda name, x: torch.nn.functional.pad(x, (n, 0), value=_FILL[name]))
+
+    def shift_images(self, offset: int) -> Seq:
+        """Image ids moved past ``offset`` earlier images (stacking rows whose latents are concatenated)."""
+        return self.map(lambda name, x: torch.where(x >= 0, x + offset, x) if name == "image_ids" else x)
+
+    @staticmethod
+    def stack(seqs: Sequence[Seq]) -> Seq:
+        """Rows of several Seqs of the same length in one (along B)."""
+        return Seq(**{f.name: torch.cat([getattr(s, f.name) for s in seqs]) for f in fields(Seq)})
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.tokens.shape
+
+    @property
+    def image_mask(self) -> Tensor:
+        """[B, L] bool, True at patch positions."""
+        return self.image_ids >= 0
 
 
 @dataclass
 class Batch:
-    """Packed rows. ``B`` rows of ``L`` positions; ``N`` images over the whole batch.
+    """Packed rows for training: ``B`` rows of ``L`` positions; ``N`` images over the whole batch.
 
-    tokens     [B, L] long   text ids; ``<boi>``/``<eoi>`` around images; pad id at patch positions and pads
+    seq        the per-position fields (:class:`Seq`)
     targets    [B, L] long   next-token id to predict at this position, ``IGNORE`` for no LM loss
-    image_ids  [B, L] long   index into ``latents`` at patch positions; -1 elsewhere (<boi>/<eoi> are text)
-    patch_ids  [B, L] long   -1 for text, else raster index of the patch within its image
-    doc_ids    [B, L] long   document index within the row, -1 for pads
-    positions  [B, L] long   position within the document (RoPE resets per document)
     latents    [N, C, h, w]  clean, standardized latents, numbered in row-major order of appearance
     t_max      [N] long      per-image cap on the training timestep
     """
 
-    tokens: Tensor
+    seq: Seq
     targets: Tensor
-    image_ids: Tensor
-    patch_ids: Tensor
-    doc_ids: Tensor
-    positions: Tensor
     latents: Tensor
     t_max: Tensor
     meta: dict = field(default_factory=dict)
 
-    def to(self, device: torch.device | str) -> "Batch":
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for k, v in moved.items():
-            if isinstance(v, Tensor):
-                moved[k] = v.to(device, non_blocking=True)
-        return Batch(**moved)
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(seq=self.seq.to(device), targets=self.targets.to(device, non_blocking=True),
+                     latents=self.latents.to(device, non_blocking=True),
+                     t_max=self.t_max.to(device, non_blocking=True), meta=self.meta)
 
     @property
     def num_images(self) -> int:
         return int(self.latents.shape[0])
 
     @property
-    def image_mask(self) -> Tensor:
-        """[B, L] bool, True at patch positions."""
-        return self.image_ids >= 0
+    def num_rows(self) -> int:
+        return int(self.targets.shape[0])
+
+
+@dataclass
+class CaptionPairs:
+    """Caption->image documents packed twice with the same images in the same order: once with each image's
+    own caption, once with another image's (``val/cond_gap``: does the caption change the predicted noise?)."""
+
+    true: Batch
+    shuffled: Batch
+
+    def to(self, device: torch.device | str) -> CaptionPairs:
+        return CaptionPairs(self.true.to(device), self.shuffled.to(device))
 
 
 def document_length(doc: Sequence[Segment], patches_per_image: int) -> int:
@@ -180,15 +239,31 @@ def pack_rows(
         lat = torch.zeros((0, 1, patch_size, patch_size))
     as_long = functools.partial(torch.tensor, dtype=torch.long)
     return Batch(
-        tokens=as_long(tokens),
+        seq=Seq(tokens=as_long(tokens), positions=as_long(positions), doc_ids=as_long(doc_ids),
+                image_ids=as_long(image_ids), patch_ids=as_long(patch_ids)),
         targets=as_long(targets),
-        image_ids=as_long(image_ids),
-        patch_ids=as_long(patch_ids),
-        doc_ids=as_long(doc_ids),
-        positions=as_long(positions),
         latents=lat,
         t_max=torch.tensor(t_max, dtype=torch.long),
     )
+
+
+def pack_pairs(pairs: Sequence[tuple[Document, Document]], patch_size: int, special: SpecialIds) -> CaptionPairs:
+    """(true-caption, shuffled-caption) documents -> :class:`CaptionPairs`, one document per row, both
+    batches padded to the longest document of either."""
+    patches = _patches_per_image(pairs[0][0], patch_size)
+    n = max(document_length(d, patches) for pair in pairs for d in pair)
+    return CaptionPairs(
+        true=pack_rows([[p[0]] for p in pairs], n, patch_size, special),
+        shuffled=pack_rows([[p[1]] for p in pairs], n, patch_size, special),
+    )
+
+
+def _patches_per_image(doc: Document, patch_size: int) -> int:
+    for seg in doc:
+        if isinstance(seg, Image):
+            _, h, w = seg.latent.shape
+            return (h // patch_size) * (w // patch_size)
+    return 0
 
 
 def greedy_rows(docs: Sequence[Document], seq_len: int, patches_per_image: int) -> list[list[Document]]:

@@ -1,24 +1,24 @@
-"""Command line: ``python -m lit_transfusion {fit,validate,test,predict} --config ...`` (LightningCLI),
-and ``python -m lit_transfusion sample --ckpt_path ...`` (see ``sample.py``).
+"""Command line: ``python -m lit_transfusion <command> ...``.
 
-Two model families share the entry point:
-- the Transfusion model (``lit_transfusion.module.TransfusionModule``): vocabulary size, special-token ids
-  and latent shape are *linked* from the datamodule, so they are never repeated in YAML;
-- the VAE (``lit_transfusion.vae.VAEModule``): trained on images alone, nothing to link.
-Which CLI is built is decided by the ``model.class_path`` named in the ``--config`` files.
+    fit | validate | test | predict   train / evaluate a Transfusion model (LightningCLI, ``--config`` YAML)
+    vae fit | validate | test         train / evaluate the image autoencoder (LightningCLI over ``VAEModule``)
+    sample                            images, captions and mixed text from a checkpoint (``sample.py``)
+
+Every command's options come from typed signatures (jsonargparse): ``<command> --help`` lists each one with its
+default. For the Transfusion commands the vocabulary size, special-token ids and latent shape are *linked* from
+the datamodule, so they are never repeated in YAML.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
-# Nothing may download at run time; diffusers reads this when it is imported.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
 
-from lightning.pytorch import LightningDataModule, LightningModule  # noqa: E402
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
+# Shown under the Transfusion parser's --help (a single paragraph: the help formatter reflows it).
+COMMANDS = ("Other commands: 'vae fit|validate|test --config configs/shapes/vae.yaml' trains the image "
+            "autoencoder; 'sample --help' generates from a checkpoint.")
 
 
 class TransfusionCLI(LightningCLI):
@@ -35,48 +35,44 @@ class TransfusionCLI(LightningCLI):
         parser.link_arguments("model.init_args.patch_size", "data.init_args.patch_size", apply_on="parse")
 
 
-def _configured_model_class(argv: list[str]) -> str:
-    """The ``model.class_path`` of the last ``--config`` file that names one ('' if none)."""
-    import yaml
-
-    found = ""
-    for i, arg in enumerate(argv):
-        path = None
-        if arg in ("--config", "-c") and i + 1 < len(argv):
-            path = argv[i + 1]
-        elif arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        if path and Path(path).is_file():
-            cfg = yaml.safe_load(Path(path).read_text()) or {}
-            model = cfg.get("model") if isinstance(cfg, dict) else None
-            if isinstance(model, dict) and model.get("class_path"):
-                found = str(model["class_path"])
-        if arg.startswith("--model=") or (arg == "--model" and i + 1 < len(argv)):
-            found = arg.split("=", 1)[1] if "=" in arg else argv[i + 1]
-    return found
-
-
 def build_cli(argv: list[str] | None = None, run: bool = True) -> LightningCLI:
-    """Parse ``argv`` (default: ``sys.argv[1:]``) and build the CLI; ``run=False`` parses a bare config
+    """The Transfusion CLI over ``argv`` (default: ``sys.argv[1:]``); ``run=False`` parses a bare config
     (no subcommand) and only instantiates the model, datamodule and trainer (benchmarks, notebooks)."""
-    args = argv  # None: LightningCLI reads sys.argv itself (and warns if given both)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cli_class = LightningCLI if _configured_model_class(argv).endswith("VAEModule") else TransfusionCLI
-    return cli_class(
+    return TransfusionCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=args,
+        args=argv,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"epilog": COMMANDS} if run else {},
+    )
+
+
+def build_vae_cli(argv: list[str] | None = None, run: bool = True) -> LightningCLI:
+    """The autoencoder's CLI (``python -m lit_transfusion vae fit --config configs/shapes/vae.yaml``)."""
+    from lit_transfusion.vae import VAEModule
+
+    return LightningCLI(
+        VAEModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=argv,
         run=run,
         save_config_kwargs={"overwrite": True},
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv_list = list(sys.argv[1:] if argv is None else argv)
-    if argv_list[:1] == ["sample"]:  # generation: not a Trainer loop, its own small parser
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if command == "sample":  # generation: not a Trainer loop
         from lit_transfusion.sample import main as sample_main
 
-        return sample_main(argv_list[1:])
-    build_cli(argv)
+        sample_main(rest)
+    elif command == "vae":
+        build_vae_cli(rest)
+    else:
+        build_cli(argv)

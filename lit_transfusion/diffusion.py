@@ -7,13 +7,9 @@ standardized latents (std 1, so ~5 % of values lie outside).
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-import torch  # noqa: E402
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from torch import Tensor, nn
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
 

@@ -1,15 +1,16 @@
 """Generation from a TransfusionModel: KV-cached text decoding, prefix-cached image denoising with
 classifier-free guidance, mixed text -> image -> text output, and captioning.
 
-One sequence state per batch row, kept as full tensors (tokens, positions, doc/image ids, images so far),
-plus a per-layer KV cache of everything already written. Every forward goes through :meth:`_run`, which
+One sequence state per batch row: the positions written so far as a ``Seq`` (the same type training packs),
+the images so far, and a per-layer KV cache of everything already written. Every forward goes through
+:meth:`_run`, which
 either attends the new positions against the cache (fast path) or recomputes the whole sequence
 (``use_cache=False``, the reference the tests compare against).
 
 Rows are left-padded so every row's newest position is the last column; pads form their own "document"
 (doc id -1), which the mask keeps invisible to real positions.
 
-Image generation (paper, sec. 3 / DESIGN.md): on ``<boi>``, N noise patches are appended and denoised with
+Image generation (the paper's sec. 3): on ``<boi>``, N noise patches are appended and denoised with
 a fresh diffusers scheduler; each step runs ONLY the patch positions against the cached prefix (their
 keys/values are not written: they change every step). After the last step the clean latent is run once at
 t = 0 and written to the cache, ``<eoi>`` is appended, and decoding continues in text mode.
@@ -19,12 +20,13 @@ Guidance runs cond and uncond rows in one batch; the uncond row's prefix is the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from lit_transfusion.attention import dense_mask
-from lit_transfusion.batch import Image, SpecialIds, Text, pack_rows
+from lit_transfusion.batch import Image, Seq, SpecialIds, Text, document_length, pack_rows
 from lit_transfusion.diffusion import SAMPLERS, Diffusion
 from lit_transfusion.model import TransfusionModel
 
@@ -36,8 +38,11 @@ class SamplingConfig:
     Attributes:
         max_new_tokens: text tokens to generate at most (per text phase).
         min_new_tokens: ``<eos>`` cannot be sampled before this many tokens (per text phase).
-        temperature: 0 = greedy. top_k: keep the k most likely tokens (0 = all). top_p: nucleus mass (1 = all).
-        scheduler: one of ddpm, ddim, dpm++. steps: denoising steps (paper: 250 DDPM).
+        temperature: 0 = greedy.
+        top_k: keep the k most likely tokens (0 = all).
+        top_p: nucleus mass (1 = all).
+        scheduler: the diffusers sampler: ddpm, ddim or dpm++ (DPM-Solver++ 2M).
+        steps: denoising steps (paper: 250 DDPM).
         guidance_scale: classifier-free guidance s (1 = no guidance, conditional only).
         guidance_interval: (lo, hi) training timesteps; guidance applies at the denoising steps with
             lo <= t < hi and the conditional prediction alone elsewhere (Kynkäänniemi et al. 2024, "Applying
@@ -50,7 +55,7 @@ class SamplingConfig:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-    scheduler: str = "ddpm"
+    scheduler: Literal["ddpm", "ddim", "dpm++"] = "ddpm"
     steps: int = 250
     guidance_scale: float = 3.0
     guidance_interval: tuple[int, int] = (0, 1000)
@@ -61,6 +66,8 @@ class SamplingConfig:
             raise ValueError(f"unknown scheduler {self.scheduler!r}: expected one of {', '.join(SAMPLERS)}")
         if self.steps < 1:
             raise ValueError(f"steps={self.steps}: expected >= 1")
+        if min(self.max_new_tokens, self.min_new_tokens, self.top_k) < 0:
+            raise ValueError("max_new_tokens, min_new_tokens and top_k must be >= 0")
         if self.guidance_scale < 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("guidance_scale and temperature must be >= 0 and top_p in (0, 1]")
         lo, hi = self.guidance_interval
@@ -68,18 +75,11 @@ class SamplingConfig:
             raise ValueError(f"guidance_interval={self.guidance_interval}: expected 0 <= lo < hi (timesteps)")
 
 
-_SEQ_FIELDS = ("tokens", "positions", "doc_ids", "image_ids", "patch_ids")  # the per-position [B, L] fields
-
-
 @dataclass
 class State:
-    """Sequences of B rows so far (left-padded). All [B, L] unless said otherwise."""
+    """Sequences of B rows so far (left-padded: pads have doc id -1, real positions doc id 0)."""
 
-    tokens: Tensor
-    positions: Tensor
-    doc_ids: Tensor  # 0 for real positions, -1 for left padding
-    image_ids: Tensor
-    patch_ids: Tensor
+    seq: Seq  # [B, L] fields
     latents: Tensor  # [N, C, h, w] clean latents of images already in the sequences
     kv: list | None = None  # per-layer (k, v) [B, H, L, Dh] of every position, or None (no cache)
     images: list = field(default_factory=list)  # per row: list of generated latents
@@ -87,7 +87,11 @@ class State:
     @property
     def next_pos(self) -> Tensor:
         """[B] RoPE position of each row's next token."""
-        return self.positions[:, -1] + 1
+        return self.seq.positions[:, -1] + 1
+
+    @property
+    def rows(self) -> int:
+        return int(self.seq.tokens.shape[0])
 
 
 class TransfusionSampler:
@@ -113,22 +117,16 @@ class TransfusionSampler:
         """Prefill B prompts (each a list of Text / Image segments; images are fed clean, t = 0).
         Returns the state and the hidden state of each row's last position [B, D]."""
         docs = [[seg if isinstance(seg, (Text, Image)) else Text(list(seg)) for seg in p] for p in prompts]
-        lens = [sum(len(s.ids) if isinstance(s, Text) else self.cfg.patches_per_image + 2 for s in d) for d in docs]
+        lens = [document_length(d, self.cfg.patches_per_image) for d in docs]
         L = max(lens)
         self._check_room(L)
         b = pack_rows([[d] for d in docs], L, self.cfg.patch_size, self.special).to(self.device)
         # Left-pad: roll each row so its last real position sits in the last column.
         shift = torch.tensor([L - n for n in lens], device=self.device)
         idx = (torch.arange(L, device=self.device)[None] - shift[:, None]) % L
-        roll = lambda x: x.gather(1, idx)  # noqa: E731
-        state = State(
-            tokens=roll(b.tokens), positions=roll(b.positions), doc_ids=roll(b.doc_ids),
-            image_ids=roll(b.image_ids), patch_ids=roll(b.patch_ids), latents=b.latents.to(self.device),
-            images=[[] for _ in docs],
-        )
-        if b.num_images == 0:
-            state.latents = torch.zeros((0, *self.cfg.latent_shape), device=self.device)
-        hidden, _ = self._run(state, state, append=True)  # prefill; prompt images at t = 0
+        latents = b.latents if b.num_images else torch.zeros((0, *self.cfg.latent_shape), device=self.device)
+        state = State(seq=b.seq.map(lambda _, x: x.gather(1, idx)), latents=latents, images=[[] for _ in docs])
+        hidden, _ = self._run(state, state.seq, append=True)  # prefill; prompt images at t = 0
         return state, hidden[:, -1]
 
     def _check_room(self, length: int) -> None:
@@ -138,51 +136,47 @@ class TransfusionSampler:
                 "shorten the prompt or lower max_new_tokens"
             )
 
-    def _extend(self, state: State, tokens: Tensor, image_ids: Tensor, patch_ids: Tensor) -> State:
-        """A state holding only the new positions [B, n] (continuing each row's positions)."""
+    def _extend(self, state: State, tokens: Tensor, image_ids: Tensor, patch_ids: Tensor) -> Seq:
+        """The new positions [B, n] after each row's last one (same document, positions continuing)."""
         n = tokens.shape[1]
         self._check_room(int(state.next_pos.max()) + n)
-        return State(
+        return Seq(
             tokens=tokens,
             positions=state.next_pos[:, None] + torch.arange(n, device=self.device),
             doc_ids=torch.zeros_like(tokens),
             image_ids=image_ids,
             patch_ids=patch_ids,
-            latents=state.latents,
         )
 
     @torch.no_grad()
-    def _run(self, state: State, new: State, append: bool, latents: Tensor | None = None, t: Tensor | None = None):
-        """Forward the positions of ``new`` after those of ``state``.
+    def _run(self, state: State, new: Seq, append: bool, latents: Tensor | None = None, t: Tensor | None = None):
+        """Forward the positions ``new`` after those of ``state``.
 
-        If ``new is state`` this is a prefill of the whole state. ``latents``/``t``: [N, C, h, w] / [N] for
+        If ``new is state.seq`` this is a prefill of the whole state. ``latents``/``t``: [N, C, h, w] / [N] for
         ALL images referenced by ``state`` and ``new`` (default: the state's clean latents at t = 0).
         Returns (hidden [B, n, D], eps [N, C, h, w]); with ``append`` the new positions join the state.
         """
-        prefill = new is state
+        prefill = new is state.seq
         if latents is None:
             latents = state.latents
             t = torch.zeros(latents.shape[0], dtype=torch.long, device=self.device)
+        n = new.tokens.shape[1]
         if prefill or not self.use_cache:
-            full = state if prefill else _cat(state, new)
-            mask = dense_mask(full.doc_ids, full.image_ids)
-            out = self.model(full.tokens, full.positions, full.image_ids, full.patch_ids, mask, latents, t)
-            n = new.tokens.shape[1]
+            full = state.seq if prefill else state.seq.cat(new)
+            out = self.model(full, latents, t, dense_mask(full.doc_ids, full.image_ids))
             hidden, kv = out.hidden[:, -n:], [(k[:, :, -n:], v[:, :, -n:]) for k, v in out.kv]
         else:
-            mask = dense_mask(
-                torch.cat([state.doc_ids, new.doc_ids], 1), torch.cat([state.image_ids, new.image_ids], 1),
-                new.doc_ids, new.image_ids,
-            )
-            out = self.model(new.tokens, new.positions, new.image_ids, new.patch_ids, mask, latents, t, past=state.kv)
+            keys = state.seq.cat(new)
+            mask = dense_mask(keys.doc_ids, keys.image_ids, new.doc_ids, new.image_ids)
+            out = self.model(new, latents, t, mask, past=state.kv)
             hidden, kv = out.hidden, out.kv
         if append:
             if not prefill:
-                for name in _SEQ_FIELDS:
-                    setattr(state, name, torch.cat([getattr(state, name), getattr(new, name)], 1))
+                state.seq = state.seq.cat(new)
             if self.use_cache:
                 state.kv = kv if state.kv is None or prefill else [
-                    (torch.cat([k0, k1], 2), torch.cat([v0, v1], 2)) for (k0, v0), (k1, v1) in zip(state.kv, kv)
+                    (torch.cat([k0, k1], 2), torch.cat([v0, v1], 2))
+                    for (k0, v0), (k1, v1) in zip(state.kv, kv, strict=True)
                 ]
         return hidden, out.eps
 
@@ -230,9 +224,9 @@ class TransfusionSampler:
         return out, hidden
 
     # ----------------------------------------------------------------------------------------- images
-    def _image_positions(self, state: State) -> State:
+    def _image_positions(self, state: State) -> Seq:
         """The P patch positions of one new image per row (image ids continue after the state's images)."""
-        B, P = state.tokens.shape[0], self.cfg.patches_per_image
+        B, P = state.rows, self.cfg.patches_per_image
         first = state.latents.shape[0]
         ids = (first + torch.arange(B, device=self.device))[:, None].expand(B, P)
         return self._extend(state, torch.full((B, P), self.special.pad, device=self.device), ids,
@@ -243,7 +237,7 @@ class TransfusionSampler:
         given, is the unconditional prefix for guidance (same rows). Cond and uncond rows run in ONE forward
         per step. Writes the clean image (t = 0) into ``states[0]`` only. Returns latents [B, C, h, w]."""
         cond = states[0]
-        B = cond.tokens.shape[0]
+        B = cond.rows
         guided = len(states) > 1 and cfg.guidance_scale != 1
         run = _stack([cond, states[1]]) if guided else cond  # [2B rows] or [B rows]
         new = self._image_positions(run)
@@ -264,7 +258,7 @@ class TransfusionSampler:
         new = self._image_positions(cond)
         cond.latents = torch.cat([cond.latents, x])
         self._run(cond, new, append=True)
-        for row, latent in zip(cond.images, x):
+        for row, latent in zip(cond.images, x, strict=True):
             row.append(latent)
         return x
 
@@ -312,28 +306,17 @@ class TransfusionSampler:
 def _stack(states: list[State]) -> State:
     """Rows of several states in one, each left-padded to the longest (pads: doc id -1, zero keys/values);
     image ids of later states are shifted past the earlier states' images."""
-    L = max(s.tokens.shape[1] for s in states)
-    parts: dict[str, list] = {n: [] for n in _SEQ_FIELDS}
-    offset, kv_parts = 0, []
+    L = max(s.seq.tokens.shape[1] for s in states)
+    seqs, kv_parts, offset = [], [], 0
     for s in states:
-        pad = L - s.tokens.shape[1]
-        fill = {"tokens": 0, "positions": 0, "doc_ids": -1, "image_ids": -1, "patch_ids": -1}
-        for n in parts:
-            x = getattr(s, n)
-            if n == "image_ids":
-                x = torch.where(x >= 0, x + offset, x)
-            parts[n].append(torch.nn.functional.pad(x, (pad, 0), value=fill[n]))
+        pad = L - s.seq.tokens.shape[1]
+        seqs.append(s.seq.shift_images(offset).left_pad(pad))
         offset += s.latents.shape[0]
         if s.kv is not None:
-            kv_parts.append([(torch.nn.functional.pad(k, (0, 0, pad, 0)), torch.nn.functional.pad(v, (0, 0, pad, 0)))
-                             for k, v in s.kv])
+            pad_kv = lambda x, pad=pad: torch.nn.functional.pad(x, (0, 0, pad, 0))  # noqa: E731
+            kv_parts.append([(pad_kv(k), pad_kv(v)) for k, v in s.kv])
     kv = None
     if kv_parts:
         kv = [(torch.cat([p[i][0] for p in kv_parts]), torch.cat([p[i][1] for p in kv_parts]))
               for i in range(len(kv_parts[0]))]
-    return State(**{n: torch.cat(v) for n, v in parts.items()},
-                 latents=torch.cat([s.latents for s in states]), kv=kv)
-
-
-def _cat(a: State, b: State) -> State:
-    return State(**{n: torch.cat([getattr(a, n), getattr(b, n)], 1) for n in _SEQ_FIELDS}, latents=a.latents)
+    return State(seq=Seq.stack(seqs), latents=torch.cat([s.latents for s in states]), kv=kv)

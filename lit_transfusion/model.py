@@ -1,7 +1,7 @@
 """TransfusionModel: token embeddings + patch vectors -> one transformer -> LM logits / predicted noise.
 
 Reads top to bottom: the size registry, the config, then the model whose forward takes a packed sequence
-(see ``batch.py``) plus the noised latents of its images.
+(``Seq``, see ``batch.py``) plus the noised latents of its images.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lit_transfusion.batch import IGNORE, Seq
 from lit_transfusion.patching import LinearPatcher, UNetPatcher
 from lit_transfusion.transformer import KV, Transformer, TransformerConfig
 
@@ -59,6 +60,21 @@ class ModelConfig:
         if self.transformer is None:
             self.transformer = TransformerConfig()
 
+    @classmethod
+    def from_size(cls, size: str, *, vocab_size: int, latent_shape: tuple[int, int, int], **overrides) -> ModelConfig:
+        """The config of a named size (``SIZES``). ``overrides`` are ModelConfig fields (patch_size, patcher,
+        unet_channels) or TransformerConfig fields (dim, n_layers, n_heads, max_seq_len, ...); None = keep."""
+        if size not in SIZES:
+            raise ValueError(f"size={size!r} is not a known size: expected one of {', '.join(SIZES)}")
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        own = {k: overrides.pop(k) for k in ("patch_size", "patcher", "unet_channels") if k in overrides}
+        known = TransformerConfig.__dataclass_fields__
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            raise ValueError(f"unknown model setting(s) {', '.join(unknown)}")
+        transformer = TransformerConfig(**{**SIZES[size], **overrides})
+        return cls(vocab_size=vocab_size, latent_shape=tuple(latent_shape), transformer=transformer, **own)
+
     @property
     def patches_per_image(self) -> int:
         _, h, w = self.latent_shape
@@ -73,6 +89,12 @@ class ModelOutput:
 
 
 class TransfusionModel(nn.Module):
+    """Embeddings + patcher -> transformer -> LM head / patch decoder.
+
+    Built on any device, the meta device included (``torch.device("meta")``: no memory, no init; call
+    :meth:`init_weights` after ``to_empty``). On a real device the weights are initialised at construction.
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -85,48 +107,63 @@ class TransfusionModel(nn.Module):
             self.patcher = UNetPatcher(C, h, w, cfg.patch_size, D, cfg.unet_channels)
         self.transformer = Transformer(cfg.transformer)
         self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)
-        self.apply(self._init_linear)
+        if self.lm_head.weight.device.type != "meta":
+            self._init_named()
 
-    @staticmethod
-    def _init_linear(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)) and getattr(m, "weight", None) is not None:
-            if m.weight.abs().sum() == 0:  # leave deliberate zero-inits (output heads) alone
-                return
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every weight and buffer from scratch (after ``to_empty`` from the meta device): each
+        module's own default init, then :meth:`_init_named` on top."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        self.transformer.reset_buffers()
+        self._init_named()
+
+    @torch.no_grad()
+    def _init_named(self) -> None:
+        """The model's initialisation, by name (DiT's ``initialize_weights`` scheme):
+
+        - N(0, 0.02) for the token embedding, every transformer and LM-head linear layer, the patchers'
+          linear projections and their timestep-embedding MLP (DiT inits its t-MLP the same way); biases 0;
+        - the diffusers conv blocks inside the U-Net patcher keep diffusers' own init;
+        - the noise-predicting output layers (``patcher.output_layers()``) start at zero, so the model first
+          predicts zero noise (DiT's choice: a stabler start).
+        """
+        def normal(m: nn.Module) -> None:
             nn.init.normal_(m.weight, std=0.02)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(
-        self,
-        tokens: Tensor,
-        positions: Tensor,
-        image_ids: Tensor,
-        patch_ids: Tensor,
-        mask,
-        latents: Tensor,
-        t: Tensor,
-        past: list[KV] | None = None,
-    ) -> ModelOutput:
+        zero = {id(m) for m in self.patcher.output_layers()}
+        for name, m in self.named_modules():
+            if id(m) in zero:
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.Linear, nn.Embedding)) and not self.patcher.keeps_init(name[len("patcher."):]):
+                normal(m)
+
+    def forward(self, seq: Seq, latents: Tensor, t: Tensor, mask, past: list[KV] | None = None) -> ModelOutput:
         """One pass over a packed sequence.
 
         Args:
-            tokens, positions, image_ids, patch_ids: [B, L] (see ``Batch``); positions with
-                ``image_ids >= 0`` take the patch vectors of ``latents`` instead of token embeddings.
-            mask: dense bool [B, 1, L, Lpast+L] or a flex BlockMask (``attention.py``).
+            seq: the per-position fields, each [B, L]; positions with ``image_ids >= 0`` take the patch vectors
+                of ``latents`` instead of token embeddings.
             latents: [N, C, h, w] noised latents of the N images (clean latents with t=0 for context images).
             t: [N] diffusion timestep of each image.
+            mask: dense bool [B, 1, L, Lpast+L] or a flex BlockMask (``attention.py``).
             past: optional per-layer cached (k, v) of earlier positions.
         """
-        x = self.embed(tokens)  # [B, L, D]
-        is_patch = image_ids >= 0  # [B, L]
+        x = self.embed(seq.tokens)  # [B, L, D]
+        is_patch = seq.image_mask  # [B, L]
         P = self.cfg.patches_per_image
         state = None
         if latents.shape[0] > 0:
             patches, state = self.patcher.encode(latents, t)  # [N, P, D]
             # Index of each patch position's vector in the flattened [N·P, D] table.
-            flat = (image_ids * P + patch_ids)[is_patch]  # [n_patch_positions]
+            flat = (seq.image_ids * P + seq.patch_ids)[is_patch]  # [n_patch_positions]
             x = x.masked_scatter(is_patch[..., None], patches.reshape(-1, x.shape[-1])[flat].to(x.dtype))
-        hidden, kv = self.transformer(x, positions, mask, past)  # [B, L, D]
+        hidden, kv = self.transformer(x, seq.positions, mask, past)  # [B, L, D]
         eps = latents.new_zeros(latents.shape)
         if latents.shape[0] > 0:
             gathered = hidden.new_zeros(latents.shape[0] * P, hidden.shape[-1])
@@ -137,6 +174,13 @@ class TransfusionModel(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden [..., D] -> next-token logits [..., V]."""
         return self.lm_head(hidden)
+
+    def target_logits(self, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits only where a target exists (the LM head over every position would cost B·L·V).
+
+        hidden [B, L, D], targets [B, L] (``IGNORE`` = none) -> (logits [n, V] float32, targets [n])."""
+        supervised = targets != IGNORE
+        return self.logits(hidden[supervised]).float(), targets[supervised]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

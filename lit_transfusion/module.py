@@ -13,7 +13,6 @@ logged either way, so runs with and without weighting compare on one curve (vali
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Literal
 
@@ -24,10 +23,10 @@ from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import Tensor
 
 from lit_transfusion.attention import block_mask, dense_mask
-from lit_transfusion.batch import IGNORE, Batch
+from lit_transfusion.batch import Batch, CaptionPairs, Seq
 from lit_transfusion.diffusion import Diffusion
-from lit_transfusion.model import SIZES, ModelConfig, TransfusionModel
-from lit_transfusion.transformer import TransformerConfig
+from lit_transfusion.model import ModelConfig, ModelOutput, TransfusionModel
+from lit_transfusion.schedule import warmup_cosine
 
 
 class TransfusionModule(L.LightningModule):
@@ -86,8 +85,6 @@ class TransfusionModule(L.LightningModule):
         timestep_sampling: Literal["uniform", "importance"] = "uniform",
     ):
         super().__init__()
-        if size not in SIZES:
-            raise ValueError(f"model.size={size!r} is not a known size: expected one of {', '.join(SIZES)}")
         if image_loss_weight < 0:  # typed NonNegativeFloat for the CLI; this guards direct Python use
             raise ValueError(f"model.image_loss_weight={image_loss_weight}: λ must be >= 0")
         if snr_gamma is not None and not snr_gamma > 0:
@@ -98,20 +95,14 @@ class TransfusionModule(L.LightningModule):
             raise ValueError("model.timestep_sampling='importance' needs model.snr_gamma: it draws t in proportion "
                              "to the Min-SNR weight, and without weighting every t weighs the same")
         self.save_hyperparameters()
-        shape = {**SIZES[size], **{k: v for k, v in dict(dim=dim, n_layers=n_layers, n_heads=n_heads).items() if v}}
         try:
-            self.config = ModelConfig(
-                vocab_size=vocab_size,
-                latent_shape=tuple(latent_shape),
-                patch_size=patch_size,
-                patcher=patcher,
-                unet_channels=unet_channels,
-                transformer=TransformerConfig(
-                    **shape, max_seq_len=max_seq_len, activation_checkpointing=activation_checkpointing
-                ),
+            self.config = ModelConfig.from_size(
+                size, vocab_size=vocab_size, latent_shape=latent_shape, dim=dim, n_layers=n_layers, n_heads=n_heads,
+                max_seq_len=max_seq_len, activation_checkpointing=activation_checkpointing,
+                patch_size=patch_size, patcher=patcher, unet_channels=unet_channels,
             )
         except ValueError as e:
-            raise ValueError(f"model.init_args: {e}") from None
+            raise ValueError(f"model.init_args.{e}") from None
         self.special = special_ids
         self.model = TransfusionModel(self.config)
         self.diffusion = Diffusion()
@@ -132,11 +123,16 @@ class TransfusionModule(L.LightningModule):
         fully_shard(self.model, mesh=dp_mesh)
 
     # ----------------------------------------------------------------------------------------- forward
-    def attention_mask(self, batch: Batch):
-        use_flex = self.hparams.attention == "flex" or (self.hparams.attention == "auto" and batch.tokens.is_cuda)
+    def attention_mask(self, seq: Seq):
+        """The hybrid mask of ``seq`` in the rendering the ``attention`` setting picks."""
+        use_flex = self.hparams.attention == "flex" or (self.hparams.attention == "auto" and seq.tokens.is_cuda)
         if use_flex:
-            return block_mask(batch.doc_ids, batch.image_ids)
-        return dense_mask(batch.doc_ids, batch.image_ids)
+            return block_mask(seq.doc_ids, seq.image_ids)
+        return dense_mask(seq.doc_ids, seq.image_ids)
+
+    def forward(self, batch: Batch, latents: Tensor, t: Tensor) -> ModelOutput:
+        """The model over ``batch`` with its images given as ``latents`` [N, C, h, w] at timesteps ``t`` [N]."""
+        return self.model(batch.seq, latents.to(self.dtype), t, self.attention_mask(batch.seq))
 
     def losses(
         self,
@@ -164,13 +160,10 @@ class TransfusionModule(L.LightningModule):
             weights = self.diffusion.loss_weights(t, self.hparams.snr_gamma)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         noisy = self.diffusion.add_noise(latents, noise, t)
-        out = self.model(
-            batch.tokens, batch.positions, batch.image_ids, batch.patch_ids, self.attention_mask(batch), noisy, t
-        )
-        supervised = batch.targets != IGNORE  # [B, L]
-        if supervised.any():
-            logits = self.model.logits(out.hidden[supervised])  # [n_targets, V], only where a target exists
-            loss_text = F.cross_entropy(logits.float(), batch.targets[supervised])
+        out = self(batch, noisy, t)
+        logits, targets = self.model.target_logits(out.hidden, batch.targets)  # [n_targets, V], [n_targets]
+        if targets.numel():
+            loss_text = F.cross_entropy(logits, targets)
         else:
             loss_text = out.hidden.sum() * 0.0
         if batch.num_images:
@@ -190,7 +183,7 @@ class TransfusionModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         out = self.losses(batch, timestep_sampling=self.hparams.timestep_sampling)
-        n = batch.tokens.shape[0]
+        n = batch.num_rows
         for k in ("loss", "loss_text", "loss_image", "mse_image"):
             self.log(f"train/{k}", out[k], prog_bar=k == "loss", batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
@@ -198,7 +191,7 @@ class TransfusionModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
         seconds = time.perf_counter() - self._step_start
-        tokens = int((batch.doc_ids >= 0).sum()) * self.trainer.world_size  # real (non-pad) positions
+        tokens = int((batch.seq.doc_ids >= 0).sum()) * self.trainer.world_size  # real (non-pad) positions
         self.log("train/tokens_per_s", tokens / max(seconds, 1e-9), batch_size=1)
 
     # -------------------------------------------------------------------------------------- validation
@@ -221,11 +214,12 @@ class TransfusionModule(L.LightningModule):
         if isinstance(batch, Batch):
             out = self.losses(batch, generator=g)
             for k in ("loss", "loss_text", "loss_image", "mse_image"):
-                self.log(f"{stage}/{k}", out[k], batch_size=batch.tokens.shape[0], sync_dist=True,
+                self.log(f"{stage}/{k}", out[k], batch_size=batch.num_rows, sync_dist=True,
                          add_dataloader_idx=False)
             return
-        # A (true captions, shuffled captions) pair of batches with the same images in the same order.
-        true, shuffled = batch["true"], batch["shuffled"]
+        if not isinstance(batch, CaptionPairs):
+            raise TypeError(f"{stage} batches must be Batch or CaptionPairs, got {type(batch).__name__}")
+        true, shuffled = batch.true, batch.shuffled
         for i, step in enumerate(self.hparams.cond_gap_timesteps):
             t = torch.full((true.num_images,), step, dtype=torch.long, device=self.device)
             g_true = torch.Generator(device=self.device).manual_seed(1000 * batch_idx + i)
@@ -264,14 +258,6 @@ class TransfusionModule(L.LightningModule):
         fused = "mixed" not in str(self.trainer.precision)
         opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = min(hp.warmup_steps, total // 2)
-        floor = hp.min_lr / hp.lr
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
+        schedule = warmup_cosine(min(hp.warmup_steps, total // 2), total, hp.min_lr / hp.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -40,8 +40,13 @@ class PositionEmbedding2D(nn.Module):
 
     def __init__(self, gh: int, gw: int, dim: int):
         super().__init__()
-        self.row = nn.Parameter(torch.randn(gh, 1, dim) * 0.02)
-        self.col = nn.Parameter(torch.randn(1, gw, dim) * 0.02)
+        self.row = nn.Parameter(torch.empty(gh, 1, dim))
+        self.col = nn.Parameter(torch.empty(1, gw, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.row, std=0.02)
+        nn.init.normal_(self.col, std=0.02)
 
     def forward(self) -> Tensor:
         return (self.row + self.col).flatten(0, 1)
@@ -67,8 +72,14 @@ class LinearPatcher(nn.Module):
         self.proj_in = nn.Linear(patch_dim, dim)
         self.pos = PositionEmbedding2D(height // patch_size, width // patch_size, dim)
         self.proj_out = nn.Linear(dim, patch_dim)
-        nn.init.zeros_(self.proj_out.weight)  # start by predicting zero noise (DiT's choice: stabler start)
-        nn.init.zeros_(self.proj_out.bias)
+
+    def output_layers(self) -> list[nn.Module]:
+        """The layers that produce the predicted noise (zero-initialised by the model)."""
+        return [self.proj_out]
+
+    def keeps_init(self, name: str) -> bool:
+        """Whether the submodule ``name`` keeps its own init instead of the model's N(0, 0.02)."""
+        return False
 
     def encode(self, latents: Tensor, t: Tensor) -> tuple[Tensor, None]:
         """latents [N, C, h, w] (noised), t [N] -> patch vectors [N, P, D] and no skip state."""
@@ -124,8 +135,14 @@ class UNetPatcher(nn.Module):
         self.up.append(res(2 * widths[0], widths[0]))
         self.norm_out = nn.GroupNorm(groups, widths[0])
         self.conv_out = nn.Conv2d(widths[0], channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+
+    def output_layers(self) -> list[nn.Module]:
+        """The layers that produce the predicted noise (zero-initialised by the model)."""
+        return [self.conv_out]
+
+    def keeps_init(self, name: str) -> bool:
+        """The diffusers ResNet/resampling blocks keep diffusers' init (made for these conv blocks)."""
+        return name.startswith(("down.", "up."))
 
     def _temb(self, t: Tensor, dtype: torch.dtype) -> Tensor:
         return self.time_embed(self.time_proj(t).to(dtype))  # [N, 4·base]

@@ -6,23 +6,27 @@
     python -m lit_transfusion sample --ckpt_path ... --image scene.png          # captioning
     python -m lit_transfusion sample --ckpt_path ... --prompt "there are" --mode text
 
-The run directory (``<run>/config.yaml`` written by ``fit``, two levels above the checkpoint) says which
+The sampling options and their defaults are those of ``SamplingConfig`` (one source for this command, the
+evaluation callback and Python users). The run directory (``<run>/config.yaml`` written by ``fit``, two levels
+above the checkpoint) says which
 datamodule made the data; it is rebuilt (cheap: no images) to recover the tokenizer and the VAE.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import importlib
 import io
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
 import torch
 import yaml
+from jsonargparse import ArgumentParser, Namespace
+from jsonargparse.typing import PositiveInt
 
-from lit_transfusion.diffusion import SAMPLERS
 from lit_transfusion.generation import SamplingConfig, TransfusionSampler
 
 
@@ -31,7 +35,7 @@ class SampleError(Exception):
 
 
 def load_run(ckpt_path: str | Path, device: str = "cpu"):
-    """(module, tokenizer, codec) from a checkpoint and its run directory."""
+    """(module in eval mode, tokenizer, codec, image size) from a checkpoint and its run directory."""
     from lit_transfusion.module import TransfusionModule
     from lit_transfusion.vae import LatentCodec
 
@@ -94,48 +98,73 @@ def _read_image(path: Path, size: int) -> torch.Tensor:
     return img[None].float() / 127.5 - 1
 
 
-def run(args: argparse.Namespace) -> dict:
-    from torchvision.utils import make_grid, save_image
+def run(
+    ckpt_path: str,
+    sampling: SamplingConfig,
+    prompt: list[str] | None = None,
+    prompts_file: str | None = None,
+    image: str | None = None,
+    mode: Literal["image", "text"] = "image",
+    num_images: int = 4,
+    device: str = "auto",
+    out: str = "samples",
+) -> dict:
+    """Sample from a checkpoint and write PNGs, ``grid.png`` and ``samples.json`` to ``out``.
 
-    cfg = SamplingConfig(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        scheduler=args.scheduler, steps=args.steps, guidance_scale=args.guidance_scale,
-        guidance_interval=tuple(args.guidance_interval), seed=args.seed,
-    )
-    module, tok, codec, image_size = load_run(args.ckpt_path, args.device)
+    Args:
+        ckpt_path: a checkpoint written by fit (a file, or the directory FSDP2 writes).
+        sampling: how to sample (``SamplingConfig``).
+        prompt: captions (image mode) or text prompts to continue (text mode).
+        prompts_file: a text file, one prompt per line (added after ``prompt``).
+        image: caption this image file instead of generating.
+        mode: "image": each prompt is a caption -> ``num_images`` images; "text": continue the prompt, with an
+            image wherever the model opens one.
+        num_images: images per prompt.
+        device: "auto" (CUDA if available), "cpu", "cuda", ...
+        out: output directory.
+    Returns:
+        what ``samples.json`` holds: the caption, the mixed outputs, or the prompts and the grid's path.
+    """
+    from torchvision.utils import save_image
+
+    from lit_transfusion.grid import labeled_grid
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    module, tok, codec, image_size = load_run(ckpt_path, device)
     sampler = TransfusionSampler(module.model, module.diffusion, tok.special)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     result: dict = {}
-    if args.image:
-        latents = codec.encode(_read_image(Path(args.image), image_size).to(args.device))
-        ids = sampler.caption(latents, cfg)
+    if image:
+        latents = codec.encode(_read_image(Path(image), image_size).to(device))
+        ids = sampler.caption(latents, sampling)
         result["caption"] = tok.decode(ids[0])
     else:
-        prompts = list(args.prompt or [])
-        if args.prompts_file:
-            prompts += [p.strip() for p in Path(args.prompts_file).read_text().splitlines() if p.strip()]
+        prompts = list(prompt or [])
+        if prompts_file:
+            prompts += [p.strip() for p in Path(prompts_file).read_text().splitlines() if p.strip()]
         if not prompts:
             raise SampleError("give --prompt TEXT (repeatable), --prompts_file FILE, or --image PATH")
-        if args.mode == "text":
-            result["text"] = []
-            for i, p in enumerate(prompts):
-                segments = sampler.generate(tok.encode(p), SamplingConfig(**{**vars(cfg), "seed": cfg.seed + i}))
-                result["text"].append(_render_segments(segments, tok, codec, out / f"mixed_{i:03d}"))
+        # Each prompt gets its own seed, so adding a prompt does not change the others' samples.
+        seeded = [dataclasses.replace(sampling, seed=sampling.seed + i) for i in range(len(prompts))]
+        if mode == "text":
+            result["text"] = [
+                _render_segments(sampler.generate(tok.encode(p), cfg), tok, codec, out_dir / f"mixed_{i:03d}")
+                for i, (p, cfg) in enumerate(zip(prompts, seeded, strict=True))
+            ]
         else:
             images = []
-            for i, p in enumerate(prompts):
-                ids = [tok.encode(p)] * args.num_images
-                latents = sampler.generate_images(ids, SamplingConfig(**{**vars(cfg), "seed": cfg.seed + i}))
+            for i, (p, cfg) in enumerate(zip(prompts, seeded, strict=True)):
+                latents = sampler.generate_images([tok.encode(p)] * num_images, cfg)
                 pixels = (codec.decode(latents) + 1) / 2  # [n, 3, H, W] in [0, 1]
                 for j, img in enumerate(pixels):
-                    save_image(img, out / f"{i:03d}_{j}.png")
+                    save_image(img, out_dir / f"{i:03d}_{j}.png")
                 images.append(pixels)
-            grid = make_grid(torch.cat(images), nrow=args.num_images, padding=1)
-            save_image(grid, out / "grid.png")
+            save_image(labeled_grid(torch.cat(images).clamp(0, 1), prompts, num_images), out_dir / "grid.png")
             result["prompts"] = prompts
-            result["grid"] = str(out / "grid.png")
-    (out / "samples.json").write_text(json.dumps(result, indent=2))
+            result["grid"] = str(out_dir / "grid.png")
+    (out_dir / "samples.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -154,36 +183,36 @@ def _render_segments(segments: list, tok, codec, stem: Path) -> str:
     return " ".join(parts)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lit_transfusion sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt_path", "--ckpt-path", required=True,
+def parser() -> ArgumentParser:
+    """The ``sample`` command line: :func:`run`'s arguments, then every ``SamplingConfig`` field at its default."""
+    p = ArgumentParser(prog="python -m lit_transfusion sample", description=__doc__, exit_on_error=True)
+    p.add_argument("--ckpt_path", required=True,
                    help="a checkpoint written by fit (a file, or the directory FSDP2 writes)")
-    p.add_argument("--prompt", action="append", help="a caption (repeat for several)")
-    p.add_argument("--prompts_file", "--prompts-file", help="a text file, one prompt per line")
-    p.add_argument("--image", help="caption this image file instead of generating")
-    p.add_argument("--mode", choices=["image", "text"], default="image",
-                   help="image: prompt = caption -> images; text: continue the prompt, images where the model opens one")
-    p.add_argument("--num_images", "--num-images", type=int, default=4, help="images per prompt")
-    p.add_argument("--guidance_scale", "--guidance-scale", type=float, default=3.0)
-    p.add_argument("--guidance_interval", "--guidance-interval", type=int, nargs=2, default=[0, 1000],
-                   metavar=("LO", "HI"), help="guide only the steps with LO <= t < HI (default: all)")
-    p.add_argument("--steps", type=int, default=250, help="denoising steps (paper: 250)")
-    p.add_argument("--scheduler", default="ddpm", help=f"one of {', '.join(SAMPLERS)}")
-    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_k", "--top-k", type=int, default=0)
-    p.add_argument("--top_p", "--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--prompt", action="append", help="a caption, or a text prompt in --mode text (repeatable)")
+    p.add_argument("--prompts_file", type=str | None, default=None, help="a text file, one prompt per line")
+    p.add_argument("--image", type=str | None, default=None, help="caption this image file instead of generating")
+    p.add_argument("--mode", type=Literal["image", "text"], default="image",
+                   help="image: prompt = caption -> images; "
+                   "text: continue the prompt, with an image wherever the model opens one")
+    p.add_argument("--num_images", type=PositiveInt, default=4, help="images per prompt")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
     p.add_argument("--out", default="samples", help="output directory (PNGs, grid.png, samples.json)")
+    p.add_class_arguments(SamplingConfig, nested_key=None, as_group=True)
     return p
 
 
+def sampling_config(ns: Namespace) -> SamplingConfig:
+    """The ``SamplingConfig`` fields of a parsed namespace as the config itself (validated here)."""
+    return SamplingConfig(**{f.name: ns[f.name] for f in dataclasses.fields(SamplingConfig)})
+
+
 def main(argv: list[str]) -> None:
-    args = parser().parse_args(argv)
+    ns = parser().parse_args(argv)
     try:
-        result = run(args)
+        result = run(
+            ckpt_path=ns.ckpt_path, sampling=sampling_config(ns), prompt=ns.prompt, prompts_file=ns.prompts_file,
+            image=ns.image, mode=ns.mode, num_images=ns.num_images, device=ns.device, out=ns.out,
+        )
     except (SampleError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

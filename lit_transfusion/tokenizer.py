@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -25,7 +25,7 @@ class TextTokenizer:
         self.special = SpecialIds(**ids)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "TextTokenizer":
+    def from_file(cls, path: str | Path) -> TextTokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
@@ -38,7 +38,7 @@ class TextTokenizer:
             raise ValueError(f"tokenizer file {str(path)!r} is not a valid tokenizer.json: {e}") from e
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 512, save_to: str | Path | None = None) -> "TextTokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int = 512, save_to: str | Path | None = None) -> TextTokenizer:
         """Train a byte-level BPE on ``texts`` (vocab_size includes the 256 byte symbols and specials)."""
         tk = Tokenizer(models.BPE())
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

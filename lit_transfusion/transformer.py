@@ -128,7 +128,14 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         # Not persistent: derived from the config, so checkpoints stay small and size-independent.
-        self.register_buffer("rope", rope_table(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta), persistent=False)
+        self.register_buffer("rope", self._rope_table(), persistent=False)
+
+    def _rope_table(self) -> Tensor:
+        return rope_table(self.cfg.dim // self.cfg.n_heads, self.cfg.max_seq_len, self.cfg.rope_theta)
+
+    def reset_buffers(self) -> None:
+        """Recompute the RoPE table in place (after ``to_empty`` from the meta device)."""
+        self.rope.copy_(self._rope_table().to(self.rope.device))
 
     def forward(
         self, x: Tensor, positions: Tensor, mask, past: list[KV] | None = None

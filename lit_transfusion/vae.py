@@ -2,7 +2,7 @@
 
 Training (``VAEModule``) runs through the normal CLI::
 
-    python -m lit_transfusion fit --config configs/shapes/vae.yaml
+    python -m lit_transfusion vae fit --config configs/shapes/vae.yaml
 
 and ends by writing a diffusers directory (``config.json`` + ``diffusion_pytorch_model.safetensors``) whose
 config carries ``shift_factor`` / ``scaling_factor`` so that standardized latents have mean ≈ 0, std ≈ 1.
@@ -15,18 +15,15 @@ Conventions: images are float ``[N, 3, H, W]`` in ``[-1, 1]``; latents are ``[N,
 from __future__ import annotations
 
 import json
-import math
-import os
 from pathlib import Path
 
-# Nothing may download at run time; diffusers / huggingface_hub read this when they are imported.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from lightning.pytorch import LightningModule
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from diffusers import AutoencoderKL  # noqa: E402
-from lightning.pytorch import LightningModule  # noqa: E402
+from lit_transfusion.schedule import warmup_cosine
 
 _CONFIG = "config.json"
 _WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -143,16 +140,7 @@ class VAEModule(LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
-        warm = max(1, self.hparams.warmup_steps)
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            if not math.isfinite(total):  # unbounded run (e.g. max_time only): constant after warmup
-                return 1.0
-            t = min(1.0, (step - warm) / max(1, total - warm))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-
+        factor = warmup_cosine(max(1, self.hparams.warmup_steps), total, floor=0.1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -202,7 +190,8 @@ class VAEModule(LightningModule):
         stats = self.export(self.hparams.export_dir, loader)
         print(
             f"VAE exported to {self.hparams.export_dir}: val PSNR {stats['psnr']:.2f} dB, latent mean "
-            f"{stats['mean']:.4f}, std {stats['std']:.4f}, per-channel std {[round(v, 3) for v in stats['channel_std']]}"
+            f"{stats['mean']:.4f}, std {stats['std']:.4f}, "
+            f"per-channel std {[round(v, 3) for v in stats['channel_std']]}"
         )
 
 
@@ -210,7 +199,7 @@ class VAEModule(LightningModule):
 def _missing(path: Path, what: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"VAE directory {str(path)!r} {what}. Expected a VAE directory written by "
-        "`python -m lit_transfusion fit --config configs/shapes/vae.yaml` "
+        "`python -m lit_transfusion vae fit --config configs/shapes/vae.yaml` "
         "(or any diffusers AutoencoderKL directory with config.json and diffusion_pytorch_model.safetensors)."
     )
 

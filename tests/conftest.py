@@ -21,12 +21,16 @@ def special() -> SpecialIds:
 
 def random_documents(gen: torch.Generator, n_docs: int, latent_shape=(4, 4, 4), vocab=50, max_images=3):
     """Random documents: text runs of random length with 0..max_images images in between."""
+    def ids(most: int) -> list[int]:
+        n = int(torch.randint(0, most, (1,), generator=gen))
+        return torch.randint(5, vocab, (n,), generator=gen).tolist()
+
     docs = []
     for _ in range(n_docs):
-        doc = [Text([SPECIAL.bos] + torch.randint(5, vocab, (int(torch.randint(0, 6, (1,), generator=gen)),), generator=gen).tolist())]
+        doc = [Text([SPECIAL.bos] + ids(6))]
         for _ in range(int(torch.randint(0, max_images + 1, (1,), generator=gen))):
             doc.append(Image(torch.randn(latent_shape, generator=gen)))
-            doc.append(Text(torch.randint(5, vocab, (int(torch.randint(0, 4, (1,), generator=gen)),), generator=gen).tolist()))
+            doc.append(Text(ids(4)))
         doc.append(Text([SPECIAL.eos]))
         docs.append(doc)
     return docs

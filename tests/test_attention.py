@@ -32,17 +32,17 @@ def random_layout(seed: int, seq_len: int = 48):
 @pytest.mark.parametrize("seed", range(6))
 def test_dense_mask_matches_brute_force(seed):
     b = random_layout(seed)
-    assert b.num_images >= 1 and (b.doc_ids.max(dim=1).values >= 1).any(), "layout should mix docs and images"
-    assert torch.equal(dense_mask(b.doc_ids, b.image_ids), brute_force(b.doc_ids, b.image_ids))
+    assert b.num_images >= 1 and (b.seq.doc_ids.max(dim=1).values >= 1).any(), "layout should mix docs and images"
+    assert torch.equal(dense_mask(b.seq.doc_ids, b.seq.image_ids), brute_force(b.seq.doc_ids, b.seq.image_ids))
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_dense_mask_with_cached_prefix(seed):
     b = random_layout(seed)
-    L = b.doc_ids.shape[1]
+    L = b.seq.doc_ids.shape[1]
     q0 = L - 10
-    got = dense_mask(b.doc_ids, b.image_ids, b.doc_ids[:, q0:], b.image_ids[:, q0:])
-    assert torch.equal(got, brute_force(b.doc_ids, b.image_ids, q_start=q0))
+    got = dense_mask(b.seq.doc_ids, b.seq.image_ids, b.seq.doc_ids[:, q0:], b.seq.image_ids[:, q0:])
+    assert torch.equal(got, brute_force(b.seq.doc_ids, b.seq.image_ids, q_start=q0))
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -50,24 +50,24 @@ def test_flex_mask_mod_matches_brute_force(seed):
     from torch.nn.attention.flex_attention import create_mask
 
     b = random_layout(seed)
-    B, L = b.doc_ids.shape
-    got = create_mask(flex_mask_mod(b.doc_ids, b.image_ids), B, 1, L, L, device="cpu")
-    assert torch.equal(got, brute_force(b.doc_ids, b.image_ids))
+    B, L = b.seq.doc_ids.shape
+    got = create_mask(flex_mask_mod(b.seq.doc_ids, b.seq.image_ids), B, 1, L, L, device="cpu")
+    assert torch.equal(got, brute_force(b.seq.doc_ids, b.seq.image_ids))
     q0 = L - 7
-    got = create_mask(flex_mask_mod(b.doc_ids, b.image_ids, q0), B, 1, L - q0, L, device="cpu")
-    assert torch.equal(got, brute_force(b.doc_ids, b.image_ids, q_start=q0))
+    got = create_mask(flex_mask_mod(b.seq.doc_ids, b.seq.image_ids, q0), B, 1, L - q0, L, device="cpu")
+    assert torch.equal(got, brute_force(b.seq.doc_ids, b.seq.image_ids, q_start=q0))
 
 
 def test_block_mask_builds_with_same_rule():
     """The BlockMask's dense rendering (block granularity 16 here) agrees with the dense mask block by block."""
     b = random_layout(0, seq_len=64)
-    bm = block_mask(b.doc_ids, b.image_ids, block_size=16)
-    dense = dense_mask(b.doc_ids, b.image_ids)  # [B, 1, L, L]
+    bm = block_mask(b.seq.doc_ids, b.seq.image_ids, block_size=16)
+    dense = dense_mask(b.seq.doc_ids, b.seq.image_ids)  # [B, 1, L, L]
     blocks = dense.unflatten(2, (4, 16)).unflatten(4, (4, 16)).any(dim=(3, 5))  # [B, 1, 4, 4] any allowed
     assert torch.equal(bm.to_dense().bool(), blocks)
 
 
 def test_no_empty_rows_with_padding():
     b = random_layout(1, seq_len=64)
-    assert (b.doc_ids == -1).any(), "layout should contain pads"
-    assert dense_mask(b.doc_ids, b.image_ids).any(dim=-1).all()
+    assert (b.seq.doc_ids == -1).any(), "layout should contain pads"
+    assert dense_mask(b.seq.doc_ids, b.seq.image_ids).any(dim=-1).all()

@@ -27,12 +27,12 @@ def test_caption_image_and_image_caption_targets():
     patch_ids = [-1] * 4 + [0, 1, 2, 3] + [-1] * 4 + [0, 1, 2, 3] + [-1] * 8
     doc_ids = [0] * 10 + [1] * 10 + [-1] * 4
     positions = list(range(10)) + list(range(10)) + [0] * 4
-    assert b.tokens[0].tolist() == tokens
+    assert b.seq.tokens[0].tolist() == tokens
     assert b.targets[0].tolist() == targets
-    assert b.image_ids[0].tolist() == image_ids
-    assert b.patch_ids[0].tolist() == patch_ids
-    assert b.doc_ids[0].tolist() == doc_ids
-    assert b.positions[0].tolist() == positions
+    assert b.seq.image_ids[0].tolist() == image_ids
+    assert b.seq.patch_ids[0].tolist() == patch_ids
+    assert b.seq.doc_ids[0].tolist() == doc_ids
+    assert b.seq.positions[0].tolist() == positions
     assert b.t_max.tolist() == [1000, 500]
     assert torch.equal(b.latents[1], lat(1))
 
@@ -47,7 +47,7 @@ def test_null_caption_carries_no_lm_loss():
 def test_images_numbered_in_row_major_order_across_rows():
     doc = lambda v: [Text([BOS, 9]), Image(lat(v)), Text([EOS])]  # noqa: E731
     b = pack_rows([[doc(0), doc(1)], [doc(2)]], seq_len=20, patch_size=2, special=SPECIAL)
-    seen = b.image_ids[b.image_ids >= 0].tolist()
+    seen = b.seq.image_ids[b.seq.image_mask].tolist()
     assert seen == sorted(seen) and set(seen) == {0, 1, 2}
     assert [b.latents[i, 0, 0, 0].item() for i in range(3)] == [0, 1, 2]
 

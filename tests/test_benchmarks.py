@@ -5,6 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+from lit_transfusion.hardware import cpu_bf16_native
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -15,13 +20,23 @@ def run(*args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_train_step_benchmark(tmp_path):
     out = run("benchmarks/train_step.py", "--steps", "2", "--model.init_args.size=nano",
               f"--data.init_args.data_dir={tmp_path}", "--data.init_args.num_train=64", "--data.init_args.num_val=16")
-    for key in ("step time", "tokens/s", "MFU", "peak RSS"):
+    for key in ("step time", "tokens/s", "MFU", "peak RSS", "--- precision 32\n"):
         assert key in out
+    # bf16 is timed by default only where the hardware has it natively (the subprocess sees the same env/CUDA);
+    # elsewhere one line says it was skipped and why.
+    native = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_bf16_native()
+    if native:
+        assert "--- precision bf16-mixed" in out and "bf16-mixed skipped" not in out
+    else:
+        assert "--- precision bf16-mixed" not in out
+        assert "bf16-mixed skipped:" in out and "pass --precision bf16-mixed" in out
 
 
+@pytest.mark.slow
 def test_generation_benchmark():
     out = run("benchmarks/generation.py", "--quick")
     assert "speed-up" in out and "tokens/s" in out

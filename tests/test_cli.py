@@ -1,9 +1,6 @@
 """The command line: every shipped YAML parses, a 2-step fit runs end to end, bad input fails clearly."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +35,7 @@ def test_two_step_fit_writes_checkpoint_and_tensorboard(trained_run):
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
 
 
+@pytest.mark.slow
 def test_ddp_on_cpu_in_a_subprocess(tmp_path):
     """Two gloo processes (never in-process DDP under pytest: rank 1 would re-run pytest). The evaluation
     callback runs on rank 0 alone: it must not wait on rank 1 (no metric gathers), and its values get logged."""
@@ -50,10 +48,12 @@ def test_ddp_on_cpu_in_a_subprocess(tmp_path):
 
     events = EventAccumulator(str(version))
     events.Reload()
-    assert {"val/cond_gap", "val/loss_image", "val/geneval/overall", "val/fid", "val/ppl_text"} <= set(events.Tags()["scalars"])
+    expected = {"val/cond_gap", "val/loss_image", "val/geneval/overall", "val/fid", "val/ppl_text"}
+    assert expected <= set(events.Tags()["scalars"])
     assert "val/fid" in json.loads((version / "metrics.json").read_text())["latest"]
 
 
+@pytest.mark.slow
 def test_fsdp2_on_cpu_in_a_subprocess(tmp_path):
     """FSDP2 (ModelParallelStrategy + TransfusionModule.configure_model) on two gloo processes. Sharded forwards
     need every rank, so the evaluation callback runs on both; rank 0 logs it."""
@@ -110,10 +110,12 @@ def test_sample_writes_images_grid_and_text(trained_run, tmp_path):
                    "--num_images", "2", "--steps", "3", "--scheduler", "ddim", "--out", str(tmp_path / "s"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "s" / "grid.png").is_file()
-    assert sorted(p.name for p in (tmp_path / "s").glob("00*.png")) == ["000_0.png", "000_1.png", "001_0.png", "001_1.png"]
+    pngs = sorted(p.name for p in (tmp_path / "s").glob("00*.png"))
+    assert pngs == ["000_0.png", "000_1.png", "001_0.png", "001_1.png"]
     # captioning a rendered scene
-    from torchvision.io import write_png
     import torch
+    from torchvision.io import write_png
+
     from datamodules.shapes import ShapesWorld
 
     img = torch.from_numpy(ShapesWorld(0).sample("test", 0).image).permute(2, 0, 1).contiguous()
@@ -141,7 +143,7 @@ def test_sample_bad_input_is_one_clear_line(trained_run, tmp_path, case):
         args[1], expected = str(plain), "not a distributed checkpoint"
     elif case == "bad-scheduler":
         args += ["--scheduler", "euler"]
-        expected = "unknown scheduler 'euler'"
+        expected = 'Parser key "scheduler"'
     else:
         (tmp_path / "fake.png").write_text("hello")
         args = ["--ckpt_path", str(ckpt), "--image", str(tmp_path / "fake.png")]
@@ -149,3 +151,24 @@ def test_sample_bad_input_is_one_clear_line(trained_run, tmp_path, case):
     proc = run_cli("sample", *args)
     assert proc.returncode == 2
     assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_sample_help_and_sampling_config_agree_on_every_default():
+    """`sample`'s sampling options come from SamplingConfig: same names, same defaults, nothing extra."""
+    import dataclasses
+
+    from lit_transfusion.generation import SamplingConfig
+    from lit_transfusion.sample import parser
+
+    defaults = parser().get_defaults()
+    for f in dataclasses.fields(SamplingConfig):
+        assert defaults[f.name] == f.default, f.name
+    help_text = parser().format_help()
+    for f in dataclasses.fields(SamplingConfig):
+        assert f"--{f.name}" in help_text and "default:" in help_text
+
+
+def test_vae_is_its_own_command():
+    proc = run_cli("vae", "fit", "--config", "configs/shapes/vae.yaml", "--print_config")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "lit_transfusion.vae.VAEModule" in proc.stdout and "export_dir" in proc.stdout

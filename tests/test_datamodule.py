@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from datamodules.shapes import ShapesDataModule
-from lit_transfusion.batch import IGNORE, Image, Text
+from lit_transfusion.batch import IGNORE, Image
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,8 @@ def test_linked_values(dm):
 def test_rows_are_deterministic_and_full(dm):
     ds = dm.train_dataloader().dataset
     a, b = dm._collate_rows([ds[3], ds[4]]), dm._collate_rows([ds[3], ds[4]])
-    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.latents, b.latents)
-    fill = torch.stack([(dm._collate_rows([ds[i]]).doc_ids >= 0).float().mean() for i in range(40)])
+    assert torch.equal(a.seq.tokens, b.seq.tokens) and torch.equal(a.latents, b.latents)
+    fill = torch.stack([(dm._collate_rows([ds[i]]).seq.doc_ids >= 0).float().mean() for i in range(40)])
     assert fill.mean() > 0.8, f"rows should be mostly full, got {fill.mean():.2f}"
 
 
@@ -59,11 +59,11 @@ def test_document_mix_matches_ratios(dm):
 
 def test_cond_gap_pairs_share_images_but_not_captions(dm):
     batch = next(iter(dm.val_dataloader()[1]))
-    true, shuffled = batch["true"], batch["shuffled"]
+    true, shuffled = batch.true, batch.shuffled
     assert torch.equal(true.latents, shuffled.latents)
-    cap = lambda b, i: b.tokens[i][: (b.tokens[i] == dm.tokenizer.special.boi).nonzero()[0, 0]].tolist()  # noqa: E731
-    different = sum(cap(true, i) != cap(shuffled, i) for i in range(true.tokens.shape[0]))
-    assert different >= 0.7 * true.tokens.shape[0]
+    cap = lambda b, i: b.seq.tokens[i][: (b.seq.tokens[i] == dm.tokenizer.special.boi).nonzero()[0, 0]].tolist()  # noqa: E731
+    different = sum(cap(true, i) != cap(shuffled, i) for i in range(true.num_rows))
+    assert different >= 0.7 * true.num_rows
     assert (true.targets != IGNORE).any()
 
 
@@ -100,7 +100,7 @@ def test_with_scene_colors_fills_only_open_colors(dm):
     for i in range(40):
         prompt, scene = dm.samples["train"][i], dm.scenes["train"][i]
         filled = with_scene_colors(prompt, scene)
-        for a, b in zip(prompt.items, filled.items):
+        for a, b in zip(prompt.items, filled.items, strict=True):
             assert (a.shape, a.count) == (b.shape, b.count)
             assert a.color is None or a.color == b.color
             if a.count == 1:

@@ -27,7 +27,7 @@ def test_perplexity_is_exp_of_mean_cross_entropy():
     with torch.no_grad():
         for b in batches:
             t = torch.zeros(b.num_images, dtype=torch.long)
-            out = module.model(b.tokens, b.positions, b.image_ids, b.patch_ids, module.attention_mask(b), b.latents, t)
+            out = module(b, b.latents, t)
             keep = b.targets != IGNORE
             losses.append(F.cross_entropy(module.model.logits(out.hidden[keep]), b.targets[keep], reduction="none"))
     expected = math.exp(torch.cat(losses).mean().item())
@@ -48,8 +48,8 @@ def test_callback_writes_tensorboard_png_and_json(trained_run):
         assert tag in tags["scalars"], f"{tag} missing from {sorted(tags['scalars'])}"
     assert "val/samples" in tags["images"]
     grid = events.Images("val/samples")[-1]
-    # 6 prompts x 4 samples of 32 px with 1-px padding: 6 rows of 33 + 1, 4 columns of 33 + 1
-    assert (grid.height, grid.width) == (6 * 33 + 1, 4 * 33 + 1)
+    # 6 prompts x 4 samples of 32 px, upscaled x4 with 2-px padding, after a 256-px prompt column (lit_transfusion.grid)
+    assert (grid.height, grid.width) == (6 * 130 + 2, 256 + 4 * 130 + 2)
     assert any(t.startswith("val/samples_prompts") for t in tags["tensors"])
 
     assert sorted(p.name for p in (trained_run / "samples").glob("*.png")) == ["val_step_000002.png"]

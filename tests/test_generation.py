@@ -44,7 +44,8 @@ def test_left_padding_does_not_change_a_row(module):
     s = samplers(module)[0]
     cfg = SamplingConfig(max_new_tokens=8)
     alone = s.decode_text(*s.start([[[SPECIAL.bos, 10]]]), cfg, torch.Generator())[0][0]
-    batched = s.decode_text(*s.start([[[SPECIAL.bos, 5, 6, 7, 8, 9]], [[SPECIAL.bos, 10]]]), cfg, torch.Generator())[0][1]
+    prompts = [[[SPECIAL.bos, 5, 6, 7, 8, 9]], [[SPECIAL.bos, 10]]]
+    batched = s.decode_text(*s.start(prompts), cfg, torch.Generator())[0][1]
     assert alone == batched
 
 
@@ -100,10 +101,9 @@ def test_clean_image_written_to_cache_matches_full_forward(module):
     x = s.denoise([state], SamplingConfig(steps=3, guidance_scale=1.0), torch.Generator().manual_seed(0))
     s._append_token(state, torch.tensor([sp.eoi]))
     # full forward over the final sequence: prompt, clean image at t = 0, <eoi>
-    mask = dense_mask(state.doc_ids, state.image_ids)
-    out = module.model(state.tokens, state.positions, state.image_ids, state.patch_ids, mask, state.latents,
-                       torch.zeros(1, dtype=torch.long))
-    for (k_cache, v_cache), (k_full, v_full) in zip(state.kv, out.kv):
+    mask = dense_mask(state.seq.doc_ids, state.seq.image_ids)
+    out = module.model(state.seq, state.latents, torch.zeros(1, dtype=torch.long), mask)
+    for (k_cache, v_cache), (k_full, v_full) in zip(state.kv, out.kv, strict=True):
         torch.testing.assert_close(k_cache, k_full, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(v_cache, v_full, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(state.latents[-1], x[0])
@@ -121,7 +121,7 @@ def test_mixed_generation_cached_equals_uncached(module):
         with torch.no_grad():
             module.model.lm_head.weight[SPECIAL.boi] -= 0.5
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         if isinstance(x, torch.Tensor):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
         else:

@@ -35,7 +35,7 @@ def test_losses_match_manual_computation(patcher):
     # Recompute by hand with the same noise.
     noise = torch.randn(b.latents.shape, generator=torch.Generator().manual_seed(3))
     noisy = m.diffusion.add_noise(b.latents, noise, t)
-    o = m.model(b.tokens, b.positions, b.image_ids, b.patch_ids, m.attention_mask(b), noisy, t)
+    o = m(b, noisy, t)
     sup = b.targets != IGNORE
     ce = F.cross_entropy(m.model.logits(o.hidden)[sup], b.targets[sup])
     per_image = torch.stack([F.mse_loss(o.eps[i], noise[i]) for i in range(2)])
@@ -106,8 +106,8 @@ def test_documents_are_isolated_and_causal():
     other = [[Text([BOS, 20, 21]), Image(torch.zeros(4, 4, 4)), Text([EOS])]]
     b2 = pack_rows([[docs[0]] + other], 32, 2, SPECIAL)
     t = torch.tensor([300, 300])
-    h1 = m.model(b1.tokens, b1.positions, b1.image_ids, b1.patch_ids, m.attention_mask(b1), b1.latents, t)
-    h2 = m.model(b2.tokens, b2.positions, b2.image_ids, b2.patch_ids, m.attention_mask(b2), b2.latents, t)
+    h1 = m(b1, b1.latents, t)
+    h2 = m(b2, b2.latents, t)
     n0 = 3 + 6 + 1  # first document's positions
     torch.testing.assert_close(h1.hidden[0, :n0], h2.hidden[0, :n0])
     torch.testing.assert_close(h1.eps[0], h2.eps[0])
@@ -119,21 +119,22 @@ def test_patches_see_each_other_bidirectionally_and_have_positions():
     doc = [Text([BOS, 9]), Image(torch.randn(4, 4, 4, generator=torch.Generator().manual_seed(0))), Text([EOS])]
     b = pack_rows([[doc]], 16, 2, SPECIAL)
     t = torch.tensor([500])
-    base = m.model(b.tokens, b.positions, b.image_ids, b.patch_ids, m.attention_mask(b), b.latents, t).hidden
+    base = m(b, b.latents, t).hidden
     lat = b.latents.clone()
     lat[0, :, 2:, 2:] += 1.0  # change the LAST patch (raster order) only
-    moved = m.model(b.tokens, b.positions, b.image_ids, b.patch_ids, m.attention_mask(b), lat, t).hidden
+    moved = m(b, lat, t).hidden
     first_patch = 3  # <bos> 9 <boi> p0 ...
     assert not torch.allclose(base[0, first_patch], moved[0, first_patch]), "earlier patch must see a later one"
     # 2-D position signal: identical patch contents at different grid cells give different hidden states.
     same = torch.ones(1, 4, 4, 4)
-    h = m.model(b.tokens, b.positions, b.image_ids, b.patch_ids, m.attention_mask(b), same, t).hidden
+    h = m(b, same, t).hidden
     patches = h[0, 3:7]
     assert torch.cdist(patches, patches).fill_diagonal_(1.0).min() > 1e-3
 
 
 def test_size_registry_matches_paper():
-    paper = {"0.16B": (16, 768, 12), "0.37B": (24, 1024, 16), "0.76B": (24, 1536, 24), "1.4B": (24, 2048, 16), "7B": (32, 4096, 32)}
+    paper = {"0.16B": (16, 768, 12), "0.37B": (24, 1024, 16), "0.76B": (24, 1536, 24), "1.4B": (24, 2048, 16),
+             "7B": (32, 4096, 32)}
     for name, (layers, dim, heads) in paper.items():
         assert SIZES[name] == dict(n_layers=layers, dim=dim, n_heads=heads)
 
@@ -143,7 +144,7 @@ def test_config_errors_name_the_setting():
         ModelConfig(vocab_size=8, latent_shape=(4, 8, 8), patch_size=3)
     with pytest.raises(ValueError, match="image_loss_weight"):
         make_module(image_loss_weight=-1.0)
-    with pytest.raises(ValueError, match="model.size"):
+    with pytest.raises(ValueError, match=r"model\.init_args\.size=.huge"):
         TransfusionModule(vocab_size=8, special_ids=vars(SPECIAL), latent_shape=(4, 4, 4), size="huge")
     with pytest.raises(ValueError, match="patch_size"):
         make_module(patch_size=3)
@@ -153,3 +154,48 @@ def test_model_param_count_for_tiny():
     cfg = ModelConfig(vocab_size=512, latent_shape=(4, 8, 8))
     n = TransfusionModel(cfg).num_params()
     assert 3.0e6 < n < 4.0e6  # the ~3.4M tiny model
+
+
+@pytest.mark.parametrize("size", ["tiny", "7B"])
+@pytest.mark.parametrize("patcher", ["linear", "unet"])
+def test_builds_on_the_meta_device_without_memory(size, patcher):
+    import time
+
+    cfg = ModelConfig.from_size(size, vocab_size=32000, latent_shape=(8, 32, 32), patcher=patcher)
+    start = time.perf_counter()
+    with torch.device("meta"):
+        model = TransfusionModel(cfg)
+    assert time.perf_counter() - start < 5  # ~0.1 s for 7B; a real 7B init would take minutes
+    assert all(p.is_meta for p in model.parameters())
+    if size == "7B":
+        assert 6.5e9 < model.num_params() < 7.0e9
+
+
+def test_meta_build_then_init_weights_matches_a_direct_build():
+    """to_empty + init_weights gives the same kind of model as building on the CPU: zero noise heads, the RoPE
+    table, N(0, 0.02) linear layers -- and a forward that runs."""
+    cfg = ModelConfig.from_size("nano", vocab_size=50, latent_shape=(4, 4, 4), patcher="unet")
+    with torch.device("meta"):
+        model = TransfusionModel(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    direct = TransfusionModel(cfg)
+    assert torch.equal(model.transformer.rope, direct.transformer.rope)
+    for m in (model, direct):
+        assert m.patcher.conv_out.weight.abs().sum() == 0 and m.patcher.conv_out.bias.abs().sum() == 0
+        assert 0.017 < float(m.transformer.blocks[0].attn.wqkv.weight.std()) < 0.023
+        assert 0.017 < float(m.embed.weight.std()) < 0.023
+    # The diffusers conv blocks keep diffusers' init (not N(0, 0.02)): their time projection is uniform
+    # with bound 1/sqrt(fan_in) (torch's Linear default).
+    proj = model.patcher.down[0].time_emb_proj.weight
+    assert float(proj.abs().max()) <= 1 / proj.shape[1] ** 0.5 + 1e-6 and float(proj.std()) > 0.03
+
+
+def test_from_size_overrides_and_rejects_unknown_settings():
+    cfg = ModelConfig.from_size("tiny", vocab_size=9, latent_shape=(4, 8, 8), dim=128, n_heads=None, patch_size=4)
+    assert (cfg.transformer.dim, cfg.transformer.n_heads, cfg.transformer.n_layers) == (128, 4, 4)
+    assert cfg.patch_size == 4 and cfg.patches_per_image == 4
+    with pytest.raises(ValueError, match="size='huge'"):
+        ModelConfig.from_size("huge", vocab_size=9, latent_shape=(4, 8, 8))
+    with pytest.raises(ValueError, match="widht"):
+        ModelConfig.from_size("tiny", vocab_size=9, latent_shape=(4, 8, 8), widht=3)

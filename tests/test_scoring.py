@@ -10,7 +10,16 @@ from scipy import ndimage
 
 from datamodules.shapes.scoring import caption_attributes_correct, detect, explain, geneval_scores, score
 from datamodules.shapes.world import (
-    BACKGROUND, COLORS, FAMILIES, Item, Obj, Prompt, Scene, ShapesWorld, describe, render,
+    BACKGROUND,
+    COLORS,
+    FAMILIES,
+    Item,
+    Obj,
+    Prompt,
+    Scene,
+    ShapesWorld,
+    describe,
+    render,
 )
 
 N = 600
@@ -40,7 +49,7 @@ def check_accuracy(samples, images, threshold):
     print({k: round(v, 4) for k, v in scores.items()})
     assert set(scores) == set(FAMILIES) | {"overall"}
     assert all(v >= threshold for v in scores.values()), scores
-    rec = np.mean([recovered(s, img) for s, img in zip(samples, images)])
+    rec = np.mean([recovered(s, img) for s, img in zip(samples, images, strict=True)])
     print(f"detect recovers objects in {rec:.4f} of scenes")
     assert rec >= threshold
 
@@ -134,6 +143,9 @@ def test_true_captions_score_one(samples):
     assert caption_attributes_correct("the background is dark.", samples[0].scene) == 0.0
 
 
+_SWAP = {"left": "right", "right": "left", "above": "below", "below": "above"}
+
+
 def test_wrong_captions_score_below_one(samples):
     n = Counter()
     for s in samples:
@@ -147,8 +159,7 @@ def test_wrong_captions_score_below_one(samples):
             true = s.prompt.items[0].count
             bad = re.sub(rf"\b{words[true]}\b", words[{2: 3, 3: 4, 4: 2}[true]], text)
         elif s.prompt.family == "position":
-            swap = {"left": "right", "right": "left", "above": "below", "below": "above"}
-            bad = re.sub(r"\b(left|right|above|below)\b", lambda m: swap[m.group(1)], text)
+            bad = re.sub(r"\b(left|right|above|below)\b", lambda m: _SWAP[m.group(1)], text)
         else:
             continue
         assert bad != text
@@ -160,11 +171,11 @@ def test_wrong_captions_score_below_one(samples):
 def test_shapeless_blobs_are_not_objects(samples):
     """What an untrained model draws (VAE decodes of random latents) must not pass as shapes: the
     shape-fit check drops blobs, so chance-level prompts score low."""
+    from pathlib import Path
+
     import torch
 
     from lit_transfusion.vae import LatentCodec, tensor_to_images
-
-    from pathlib import Path
 
     codec = LatentCodec.from_dir(Path(__file__).resolve().parents[1] / "datamodules/shapes/pretrained_vae")
     latents = torch.randn((200, *codec.latent_shape(32)), generator=torch.Generator().manual_seed(0))

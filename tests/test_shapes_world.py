@@ -172,7 +172,8 @@ def test_prompt_clauses_hold(samples, samples64):
 def _template_regex(template):
     obj = rf"(?:(?:{'|'.join(COLORS)}) )?(?:{'|'.join(SHAPES)})"
     rel = "|".join(p for ps in RELATION_PHRASES.values() for p in ps)
-    fields = {"a": obj, "b": obj, "n": "(?:two|three|four)", "p": f"(?:{'|'.join(PLURALS.values())})", "r": f"(?:{rel})"}
+    plural = "|".join(PLURALS.values())
+    fields = {"a": obj, "b": obj, "n": "(?:two|three|four)", "p": f"(?:{plural})", "r": f"(?:{rel})"}
     parts = re.split(r"\{(\w)\}", template)
     pattern = "".join(re.escape(x) if i % 2 == 0 else fields[x] for i, x in enumerate(parts))
     return re.compile(pattern)
@@ -241,7 +242,8 @@ def test_bad_arguments():
         (lambda: sample_scene(Prompt("colors", (Item("circle", "red"),)), np.random.default_rng(0), 8), "size"),
         (lambda: sample_scene(Prompt("colors", (Item("hexagon", "red"),)), np.random.default_rng(0)), "shape"),
         (lambda: sample_scene(Prompt("colors", (Item("circle", "pink"),)), np.random.default_rng(0)), "color"),
-        (lambda: caption(Prompt("position", (Item("circle"), Item("square")), "near"), np.random.default_rng(0)), "relation"),
+        (lambda: caption(Prompt("position", (Item("circle"), Item("square")), "near"), np.random.default_rng(0)),
+         "relation"),
     ]
     for fn, name in cases:
         with pytest.raises(ValueError, match=name):
@@ -251,7 +253,8 @@ def test_bad_arguments():
 _REL = r"(above|below|to the left of|to the right of)(?: and (to the left of|to the right of))?"
 _C, _S = "|".join(COLORS), "|".join(SHAPES)
 _REL_SENTENCE = re.compile(
-    rf"(?:the|a|another|there is a|there is another) (?:(small|medium|large) )?({_C}) ({_S}) (?:is )?{_REL} the ({_C}) ({_S})\.")
+    rf"(?:the|a|another|there is a|there is another) (?:(small|medium|large) )?({_C}) ({_S}) "
+    rf"(?:is )?{_REL} the ({_C}) ({_S})\.")
 _REL_NAMES = {"above": "above", "below": "below", "to the left of": "left of", "to the right of": "right of"}
 
 

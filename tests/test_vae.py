@@ -1,4 +1,5 @@
-"""VAE: the shipped weights reconstruct well with standardized latents; brief retraining works; loading errors are clear."""
+"""VAE: the shipped weights reconstruct well with standardized latents; brief retraining works; loading errors are
+clear."""
 
 from __future__ import annotations
 
@@ -87,6 +88,7 @@ def test_missing_directory_error_names_the_path(tmp_path):
         LatentCodec.from_dir(tmp_path / "empty")
 
 
+@pytest.mark.slow
 def test_brief_retraining_reconstructs_and_exports(tmp_path):
     """A few hundred CPU steps on in-memory renders: far above an untrained model (~10 dB), and it exports."""
     import lightning as L

@@ -115,13 +115,13 @@ class ShapesFeatureNet(nn.Module):
         count_logits, occ_logits = split_logits(self.head(self.embed(images)))
         return {"counts": count_logits.argmax(-1), "occupancy": occ_logits > 0}
 
-    def freeze(self) -> "ShapesFeatureNet":
+    def freeze(self) -> ShapesFeatureNet:
         """Eval mode for good: no grads, and `train()` (e.g. Lightning's) cannot re-enable BatchNorm updates."""
         self.requires_grad_(False)
         self.frozen = True
         return self.eval()
 
-    def train(self, mode: bool = True) -> "ShapesFeatureNet":
+    def train(self, mode: bool = True) -> ShapesFeatureNet:
         return super().train(mode and not self.frozen)
 
 
@@ -205,7 +205,8 @@ def losses(net: ShapesFeatureNet, images: Tensor, counts: Tensor, occ: Tensor) -
 
 
 @torch.no_grad()
-def evaluate(net: ShapesFeatureNet, images: Tensor, counts: Tensor, occ: Tensor, batch_size: int = 256) -> dict[str, float]:
+def evaluate(net: ShapesFeatureNet, images: Tensor, counts: Tensor, occ: Tensor,
+             batch_size: int = 256) -> dict[str, float]:
     """Held-out accuracies: `scene_counts` = all 18 counts of an image right (the strict one),
     `pair_counts` = per-(shape,color) count, `total_count` = #objects, `occupancy` = per grid cell
     (~94% of cells are empty, so also `occupancy_iou` = |pred & true| / |pred | true| over all cells)."""
@@ -300,7 +301,8 @@ def train_feature_net(
     return net, metrics
 
 
-def load_feature_net(path: str | os.PathLike | None = None, map_location: str | torch.device = "cpu") -> ShapesFeatureNet:
+def load_feature_net(path: str | os.PathLike | None = None,
+                     map_location: str | torch.device = "cpu") -> ShapesFeatureNet:
     """Load a trained net (default: the shipped `pretrained_features.pt` next to this module), frozen in eval mode."""
     path = Path(DEFAULT_PATH if path is None else path)
     if not path.is_file():

@@ -11,8 +11,8 @@ the way GenEval does, and `geneval_scores` aggregates per family.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -79,7 +79,8 @@ def _ideal(shape: str, cx: float, cy: float, size: float, h: int, w: int, k: int
 
 def _classify(w: np.ndarray) -> tuple[str, float, float, float, float]:
     """Soft mask w [h, w] (alpha of one component, with a 1-px halo) -> (shape, cx, cy, size, fit), local coords;
-    ``fit`` is the IoU of w's half-coverage region with the ideal shape at that box (1 for a clean render, low for a shapeless blob).
+    ``fit`` is the IoU of w's half-coverage region with the ideal shape at that box (1 for a clean render, low for a
+    shapeless blob).
 
     Width/height are sums of the column/row max profiles: for any of the three shapes the widest
     row (column) is fully covered, so these measure the bbox side with sub-pixel accuracy even
@@ -205,7 +206,7 @@ def geneval_scores(prompts: Sequence[Prompt], images: Sequence[np.ndarray]) -> d
     if len(prompts) != len(images):
         raise ValueError(f"got {len(prompts)} prompts but {len(images)} images")
     hits: dict[str, list[bool]] = {}
-    for p, img in zip(prompts, images):
+    for p, img in zip(prompts, images, strict=True):
         hits.setdefault(p.family, []).append(score(p, img))
     out = {f: float(np.mean(hits[f])) for f in FAMILIES if f in hits}
     if out:

@@ -23,7 +23,7 @@ from jsonargparse.typing import ClosedUnitInterval, PositiveInt
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.shapes.world import FAMILIES, Item, Prompt, Scene, ShapesWorld, caption, sample_prompt, scene_caption
-from lit_transfusion.batch import Document, Image, Text, document_length, pack_rows
+from lit_transfusion.batch import CaptionPairs, Document, Image, Text, document_length, pack_pairs, pack_rows
 from lit_transfusion.tokenizer import TextTokenizer
 from lit_transfusion.vae import LatentCodec, images_to_tensor, vae_latent_shape
 
@@ -243,14 +243,9 @@ class ShapesDataModule(L.LightningDataModule):
         sp = self.tokenizer.special
         return pack_rows(rows, self.hparams.seq_len, self.hparams.patch_size, sp)
 
-    def _collate_pairs(self, pairs: list[tuple[Document, Document]]):
+    def _collate_pairs(self, pairs: list[tuple[Document, Document]]) -> CaptionPairs:
         # One document per row keeps images in the same order in both batches.
-        n = max(document_length(d, self.patches_per_image) for pair in pairs for d in pair)
-        sp = self.tokenizer.special
-        return {
-            "true": pack_rows([[p[0]] for p in pairs], n, self.hparams.patch_size, sp),
-            "shuffled": pack_rows([[p[1]] for p in pairs], n, self.hparams.patch_size, sp),
-        }
+        return pack_pairs(pairs, self.hparams.patch_size, self.tokenizer.special)
 
     def _loader(self, dataset, shuffle: bool, collate, batch_size: int) -> DataLoader:
         hp = self.hparams

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -50,7 +50,9 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "two_object": _TWO,
     "counting": ("{n} {p}", "a photo of {n} {p}", "an image of {n} {p}", "exactly {n} {p}"),
     "colors": _ONE,
-    "position": ("a {a} {r} a {b}", "a photo of a {a} {r} a {b}", "an image of a {a} {r} a {b}", "a {a} placed {r} a {b}"),
+    "position": (
+        "a {a} {r} a {b}", "a photo of a {a} {r} a {b}", "an image of a {a} {r} a {b}", "a {a} placed {r} a {b}"
+    ),
     "color_attr": _TWO,
 }
 RELATION_PHRASES: dict[str, tuple[str, ...]] = {
@@ -267,7 +269,7 @@ def sample_scene(prompt: Prompt, rng: np.random.Generator, size: int = 32) -> Sc
             shapes.append(it.shape)
             colors.append(it.color if it.color is not None else names[rng.integers(len(names))])
     geo = _place(shapes, rng, size, prompt.relation)
-    return Scene(tuple(Obj(sh, c, cx, cy, s) for sh, c, (cx, cy, s) in zip(shapes, colors, geo)), size)
+    return Scene(tuple(Obj(sh, c, cx, cy, s) for sh, c, (cx, cy, s) in zip(shapes, colors, geo, strict=True)), size)
 
 
 def _random_scene(rng: np.random.Generator, size: int) -> Scene:
@@ -277,7 +279,7 @@ def _random_scene(rng: np.random.Generator, size: int) -> Scene:
     names = list(COLORS)
     colors = [names[i] for i in rng.integers(len(names), size=n)]
     geo = _place(shapes, rng, size, None)
-    return Scene(tuple(Obj(sh, c, cx, cy, s) for sh, c, (cx, cy, s) in zip(shapes, colors, geo)), size)
+    return Scene(tuple(Obj(sh, c, cx, cy, s) for sh, c, (cx, cy, s) in zip(shapes, colors, geo, strict=True)), size)
 
 
 def render(scene: Scene) -> np.ndarray:
