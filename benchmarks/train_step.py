@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402

@@ -15,13 +15,30 @@ import sys
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from lit_transfusion.hardware import resolve_precision
 
 # Shown under the Transfusion parser's --help (a single paragraph: the help formatter reflows it).
 COMMANDS = ("Other commands: 'vae fit|validate|test --config configs/shapes/vae.yaml' trains the image "
             "autoencoder; 'sample --help' generates from a checkpoint.")
 
 
-class TransfusionCLI(LightningCLI):
+class HardwareAwareCLI(LightningCLI):
+    """LightningCLI that resolves an unset ``trainer.precision`` (null) to what is fast on this machine
+    (``hardware.resolve_precision``: bf16-mixed only where bf16 is computed natively); an explicit value wins."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config["trainer"]
+        if trainer.get("precision") is None:
+            accelerator = trainer.get("accelerator")
+            accelerator = accelerator if isinstance(accelerator, str) else "auto"  # an Accelerator object: auto
+            trainer["precision"], reason = resolve_precision(None, accelerator)
+            rank_zero_info(f"trainer.precision: {reason}")
+
+
+class TransfusionCLI(HardwareAwareCLI):
     """LightningCLI whose links carry data-derived sizes into the model at instantiation."""
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -54,7 +71,7 @@ def build_vae_cli(argv: list[str] | None = None, run: bool = True) -> LightningC
     """The autoencoder's CLI (``python -m lit_transfusion vae fit --config configs/shapes/vae.yaml``)."""
     from lit_transfusion.vae import VAEModule
 
-    return LightningCLI(
+    return HardwareAwareCLI(
         VAEModule,
         LightningDataModule,
         subclass_mode_model=True,

@@ -1,8 +1,6 @@
 """FID with the in-project shapes feature net (callbacks/fid.py, datamodules/shapes/features.py)."""
 
-import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import urllib.request
 

@@ -4,16 +4,13 @@ clear."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np
+import pytest
+import torch
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from lit_transfusion.vae import (  # noqa: E402
+from lit_transfusion.vae import (
     LatentCodec,
     VAEModule,
     build_autoencoder,

@@ -19,12 +19,11 @@ blur still moves them.
 
 Make the shipped weights (2,000 steps, about 6 min on one CPU thread; deterministic for a seed):
 
-    python -m datamodules.shapes.features --out datamodules/shapes/pretrained_features.pt
+    python -m datamodules.shapes.features --out_path datamodules/shapes/pretrained_features.pt
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from torch import Tensor, nn
 from .world import COLORS, SHAPES, ShapesWorld
 
 DEFAULT_PATH = Path(__file__).with_name("pretrained_features.pt")
-TRAIN_COMMAND = "python -m datamodules.shapes.features --out datamodules/shapes/pretrained_features.pt"
+TRAIN_COMMAND = "python -m datamodules.shapes.features --out_path datamodules/shapes/pretrained_features.pt"
 INPUT_SIZE = 32  # the net always sees 32x32 images (inputs of other sizes are resized)
 MAX_COUNT = 4  # a scene holds at most 4 objects
 GRID = 4  # occupancy grid side
@@ -231,7 +230,7 @@ def evaluate(net: ShapesFeatureNet, images: Tensor, counts: Tensor, occ: Tensor,
 # ----------------------------------------------------------------------------- train / load
 
 def train_feature_net(
-    out_path: str | os.PathLike | None = None,
+    out_path: str | None = None,
     steps: int = 2000,
     seed: int = 0,
     batch_size: int = 128,
@@ -245,6 +244,20 @@ def train_feature_net(
     log_every: int = 250,
 ) -> tuple[ShapesFeatureNet, dict[str, float]]:
     """Train on ShapesWorld(seed) "train" renders, evaluate on "val" renders, save to `out_path`.
+
+    Args:
+        out_path: where to save the weights (None: keep them in memory only).
+        steps: optimizer steps.
+        seed: seeds the renders, the init and the batches.
+        batch_size: images per step.
+        train_images: renders to train on.
+        val_images: held-out renders for the reported accuracies.
+        lr: peak learning rate (one-cycle schedule).
+        width: conv width.
+        embed_dim: embedding size.
+        num_features: FID feature dims (the top principal components of the embedding).
+        pca_images: train renders the FID projection is fitted on.
+        log_every: steps between log lines.
 
     Saved file: {"state_dict", "config" (constructor kwargs), "metrics" (held-out accuracies),
     "train" (hyper-parameters)}. After training, the FID projection is fitted on the first
@@ -315,19 +328,10 @@ def load_feature_net(path: str | os.PathLike | None = None,
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Train the shapes-world FID feature net.")
-    p.add_argument("--out", default=str(DEFAULT_PATH), help="where to save the weights")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--train-images", type=int, default=20000)
-    p.add_argument("--val-images", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--num-features", type=int, default=32, help="FID feature dims (top PCs of the 128-d embedding)")
-    args = p.parse_args(argv)
-    train_feature_net(args.out, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
-                      train_images=args.train_images, val_images=args.val_images, lr=args.lr,
-                      num_features=args.num_features)
+    """Command line over :func:`train_feature_net`: its arguments and defaults are the options (``--help``)."""
+    from jsonargparse import auto_cli
+
+    auto_cli(train_feature_net, args=argv)
 
 
 if __name__ == "__main__":
