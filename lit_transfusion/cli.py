@@ -83,13 +83,121 @@ def build_vae_cli(argv: list[str] | None = None, run: bool = True) -> LightningC
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m lit_transfusion ...``. A bad setting, found while parsing (unknown key, wrong type, missing
+    file) or while instantiating (a constructor's ValueError, TypeError, FileNotFoundError), ends the command
+    with one line ``error: <setting>: <what is wrong>`` on stderr and exit status 2; an error during training
+    keeps its traceback."""
+    import warnings
+    from argparse import ArgumentError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     command, rest = (argv[0], argv[1:]) if argv else ("", [])
     if command == "sample":  # generation: not a Trainer loop
         from lit_transfusion.sample import main as sample_main
 
         sample_main(rest)
-    elif command == "vae":
-        build_vae_cli(rest)
-    else:
-        build_cli(argv)
+        return
+    # main passes the command line on explicitly (without "vae"): LightningCLI's warning about that is noise.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
+    try:
+        if command == "vae":  # the same command lines as build_vae_cli / build_cli, reporting bad settings
+            from lit_transfusion.vae import VAEModule
+
+            _VAECommand(VAEModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                        args=rest, save_config_kwargs={"overwrite": True})
+        else:
+            _TransfusionCommand(LightningModule, LightningDataModule, subclass_mode_model=True,
+                                subclass_mode_data=True, args=argv, save_config_kwargs={"overwrite": True},
+                                parser_kwargs={"epilog": COMMANDS})
+    except (ArgumentError, _ConfigError) as e:  # both are raised before the command runs
+        print(f"error: {e if isinstance(e, _ConfigError) else _one_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+class _ConfigError(Exception):
+    """A constructor rejected its settings: the one-line message, raised from the constructor's own error."""
+
+
+class _ReportsBadSettings:
+    """LightningCLI mixin: a parse error raises jsonargparse's ``ArgumentError`` (instead of printing the usage
+    and exiting) and an error while instantiating the classes raises :class:`_ConfigError`; errors in the
+    command itself (``trainer.fit``) pass through untouched."""
+
+    def init_parser(self, **kwargs):
+        return super().init_parser(exit_on_error=False, **kwargs)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except _BAD_SETTING as e:
+            raise _ConfigError(_one_line(e)) from e
+
+    def instantiate_trainer(self, **kwargs):
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except _BAD_SETTING as e:
+            raise _ConfigError(f"trainer: {_one_line(e)}") from e
+
+
+class _TransfusionCommand(_ReportsBadSettings, TransfusionCLI):
+    pass
+
+
+class _VAECommand(_ReportsBadSettings, HardwareAwareCLI):
+    pass
+
+
+def _bad_setting_errors() -> tuple[type[Exception], ...]:
+    from argparse import ArgumentError
+
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    return ArgumentError, ValueError, TypeError, OSError, MisconfigurationException
+
+
+_BAD_SETTING = _bad_setting_errors()  # what a constructor raises for a setting it rejects
+# jsonargparse's report of a failed Union (every model / data setting is `class | None`) around the real error.
+_UNION = "Does not validate against any of the Union subtypes"
+_NOISE = (_UNION, "Subtypes:", "Errors:", "Given value type:", "Given value:", "Expected a <class 'NoneType'>")
+
+
+def _one_line(error: BaseException) -> str:
+    """jsonargparse's nested report, or a constructor's error wrapped in it, as its most specific line prefixed
+    with the setting, e.g. ``model.init_args: option 'not_a_setting' is not accepted (class_path '...')``."""
+    import re
+
+    class_path = None
+    while error.__cause__ is not None and str(error).startswith(_UNION):
+        class_path = class_path or next(iter(re.findall(r"class_path='([^']+)'", str(error))), None)
+        error = error.__cause__  # the constructor's own error
+    keys: list[str] = []
+    leaves: list[tuple[int, str, int]] = []  # (indent, text, number of keys above it)
+    given: list[tuple[int, str]] = []
+    for line in str(error).splitlines():
+        indent = len(line) - len(line.lstrip())
+        text = line.strip().removeprefix("- ")
+        if m := re.match(r'Parser key "([^"]+)":\s*(.*)', text):
+            keys.append(m[1])
+            text = m[2]
+        elif m := re.match(r"Problem with given class_path '([^']+)':", text):
+            keys.append("init_args")
+            class_path = m[1]
+            continue
+        if text.startswith("Given value:") and not text.endswith(")"):  # a plain value, not a Namespace(...)
+            given.append((indent, text.removeprefix("Given value:").strip()))
+        if text and not text.startswith(_NOISE):
+            leaves.append((indent, text, len(keys)))
+    if not leaves:
+        return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    deepest = max(indent for indent, _, _ in leaves)
+    texts = [text for indent, text, _ in leaves if indent == deepest]
+    n_keys = next(n for indent, _, n in leaves if indent == deepest)
+    message = "; ".join(t[0].lower() + t[1:] if keys and t[1:2].islower() else t for t in texts)
+    if n_keys and keys[n_keys - 1] == "init_args":  # the class itself (not one of its settings) is the problem
+        message += f" (class_path {class_path!r})"
+    elif given and "Got value" not in message:
+        message += f" (got {max(given)[1]})"
+    setting = ".".join(keys[:n_keys])
+    if not setting and class_path and not re.match(r"(model|data|trainer)\b", message):
+        setting = class_path  # a constructor error that does not name its setting: name the class
+    return f"{setting}: {message}" if setting else message

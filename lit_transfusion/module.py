@@ -20,13 +20,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lit_transfusion.attention import block_mask, dense_mask
 from lit_transfusion.batch import Batch, CaptionPairs, Seq
 from lit_transfusion.diffusion import Diffusion
 from lit_transfusion.model import ModelConfig, ModelOutput, TransfusionModel
-from lit_transfusion.schedule import warmup_cosine
+from lit_transfusion.schedule import WarmupCosine, training_timer
 
 
 class TransfusionModule(L.LightningModule):
@@ -56,6 +57,16 @@ class TransfusionModule(L.LightningModule):
         timestep_sampling: how training draws t. "uniform" (the paper): t ~ U{0..T-1} times the weight w(t).
             "importance" (needs ``snr_gamma``): t ∝ w(t) with a constant weight, the same expected loss without
             spending compute on images whose weight is near 0 (``Diffusion.importance_timesteps``).
+        seed: seeds the training timesteps and noise. They are drawn from a generator seeded with (seed, step,
+            rank) at every step, so a run resumed from a checkpoint draws exactly what the uninterrupted run drew.
+        nonfinite: what a non-finite training loss does. "stop": raise an error naming the step and the loss
+            (text or image) before any weight changes (the exception checkpoint then holds the last good state);
+            "skip": skip the step and count it in ``train/nonfinite_skipped``.
+        compile: ``torch.compile`` the model (the first steps pay for compilation; see README for when it pays).
+
+    Under a sharding strategy (FSDP2 via ``ModelParallelStrategy``) build the module on the meta device
+    (``with trainer.init_module(empty_init=True)``; the CLI does this itself): ``configure_model`` shards it and
+    each rank materialises and initialises only its own shards.
     """
 
     def __init__(
@@ -83,6 +94,9 @@ class TransfusionModule(L.LightningModule):
         cond_gap_timesteps: tuple[int, ...] = (250, 500, 750),
         snr_gamma: PositiveFloat | None = None,
         timestep_sampling: Literal["uniform", "importance"] = "uniform",
+        seed: int = 0,
+        nonfinite: Literal["stop", "skip"] = "stop",
+        compile: bool = False,
     ):
         super().__init__()
         if image_loss_weight < 0:  # typed NonNegativeFloat for the CLI; this guards direct Python use
@@ -104,23 +118,33 @@ class TransfusionModule(L.LightningModule):
         except ValueError as e:
             raise ValueError(f"model.init_args.{e}") from None
         self.special = special_ids
-        self.model = TransfusionModel(self.config)
-        self.diffusion = Diffusion()
+        self.model = TransfusionModel(self.config)  # on the meta device inside ``init_module(empty_init=True)``
+        with torch.device("cpu"):  # the noise schedule is a small table, never meta
+            self.diffusion = Diffusion()
         self._cond_gap_sums: Tensor | None = None
         self._step_start = 0.0
+        self._nonfinite_skipped = 0
 
     def configure_model(self) -> None:
-        """FSDP2 under Lightning's ``ModelParallelStrategy``: shard each block, then the rest (embeddings,
-        patcher, head) as one unit. Other strategies (DDP, ``fsdp``) leave the model as it is."""
+        """Shard (FSDP2 under Lightning's ``ModelParallelStrategy``: each block, then the rest as one unit),
+        materialise a meta-device model (each rank only its shards) and optionally compile. Other strategies
+        (DDP, ``fsdp``) get the model as built."""
         mesh = self.device_mesh
-        if mesh is None:
-            return
-        from torch.distributed.fsdp import fully_shard
+        if mesh is not None and not getattr(self.model, "_sharded", False):
+            from torch.distributed.fsdp import fully_shard
 
-        dp_mesh = mesh["data_parallel"]
-        for block in self.model.transformer.blocks:
-            fully_shard(block, mesh=dp_mesh)
-        fully_shard(self.model, mesh=dp_mesh)
+            dp_mesh = mesh["data_parallel"]
+            for block in self.model.transformer.blocks:
+                fully_shard(block, mesh=dp_mesh)
+            fully_shard(self.model, mesh=dp_mesh)
+            self.model._sharded = True
+        if any(p.is_meta for p in self.model.parameters()):
+            device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+            self.model.to_empty(device=device)
+            self.model.init_weights()
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.model.compile()
+            self._compiled = True
 
     # ----------------------------------------------------------------------------------------- forward
     def attention_mask(self, seq: Seq):
@@ -181,12 +205,32 @@ class TransfusionModule(L.LightningModule):
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        out = self.losses(batch, timestep_sampling=self.hparams.timestep_sampling)
+    def step_generator(self) -> torch.Generator:
+        """The generator of this step's timesteps and noise: a function of (seed, global step, rank) only,
+        so resuming from a checkpoint reproduces the draws exactly, whatever else consumed random numbers."""
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        step = self.trainer.global_step if self._trainer is not None else 0
+        seed = (self.hparams.seed * 1_000_003 + step) * 1024 + rank
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+        out = self.losses(batch, generator=self.step_generator(), timestep_sampling=self.hparams.timestep_sampling)
+        if not torch.isfinite(out["loss"]):
+            bad = [k for k in ("loss_text", "loss_image") if not torch.isfinite(out[k])] or ["loss"]
+            message = (f"non-finite training loss at step {self.trainer.global_step}: "
+                       f"{', '.join(f'{k}={float(out[k])}' for k in bad)}")
+            if self.hparams.nonfinite == "stop":
+                raise FloatingPointError(message + " (no weights were changed; set model.init_args.nonfinite=skip "
+                                         "to skip such steps instead)")
+            self._nonfinite_skipped += 1
+            rank_zero_warn(message + f" -- step skipped ({self._nonfinite_skipped} so far)")
+            self.log("train/nonfinite_skipped", float(self._nonfinite_skipped), batch_size=1)
+            return None  # Lightning skips backward and the optimizer step
         n = batch.num_rows
         for k in ("loss", "loss_text", "loss_image", "mse_image"):
             self.log(f"train/{k}", out[k], prog_bar=k == "loss", batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
+        self.log("train/schedule_progress", self._schedule.progress(self.trainer.global_step), batch_size=n)
         return out["loss"]
 
     def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
@@ -239,9 +283,6 @@ class TransfusionModule(L.LightningModule):
                             ("mse_shuffled_caption", mse_shuf.mean())]:
             self.log(f"{stage}/{name}", value, sync_dist=True)
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_cond_gap("val")
-
     def on_test_epoch_end(self) -> None:
         self._log_cond_gap("test")
 
@@ -258,6 +299,24 @@ class TransfusionModule(L.LightningModule):
         fused = "mixed" not in str(self.trainer.precision)
         opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        schedule = warmup_cosine(min(hp.warmup_steps, total // 2), total, hp.min_lr / hp.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        # With a time budget (trainer.max_time) the cosine follows whichever of steps or time runs out first,
+        # so a slower machine gets a complete, shorter schedule instead of half of a long one.
+        self._schedule = WarmupCosine(min(hp.warmup_steps, total // 2), total, hp.min_lr / hp.lr,
+                                      time_budget=training_timer(self.trainer))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self._schedule(step))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------------- ends
+    def on_validation_epoch_end(self) -> None:
+        self._log_cond_gap("val")
+        if self._trainer is not None and self.trainer.state.fn == "fit" and hasattr(self, "_schedule"):
+            self.log("val/schedule_progress", self._schedule.progress(self.trainer.global_step))
+
+    def on_train_end(self) -> None:
+        """Say how much of the promised schedule ran (a stop by signal or exception leaves it unfinished)."""
+        progress = self._schedule.progress(self.trainer.global_step)
+        done = "complete" if progress >= 0.999 else f"INCOMPLETE ({progress:.0%})"
+        rank_zero_info(f"training ended at step {self.trainer.global_step} of max_steps {self.trainer.max_steps}: "
+                       f"learning-rate schedule {done}"
+                       + (f"; {self._nonfinite_skipped} non-finite steps skipped" if self._nonfinite_skipped else ""))
+

@@ -207,7 +207,17 @@ def sampling_config(ns: Namespace) -> SamplingConfig:
 
 
 def main(argv: list[str]) -> None:
-    ns = parser().parse_args(argv)
+    from argparse import ArgumentError
+
+    from lit_transfusion.cli import _one_line
+
+    p = parser()
+    p.exit_on_error = False  # a bad option: the one line below instead of the usage block
+    try:
+        ns = p.parse_args(argv)
+    except ArgumentError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         result = run(
             ckpt_path=ns.ckpt_path, sampling=sampling_config(ns), prompt=ns.prompt, prompts_file=ns.prompts_file,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from lightning.pytorch import LightningModule
 
-from lit_transfusion.schedule import warmup_cosine
+from lit_transfusion.schedule import WarmupCosine, training_timer
 
 _CONFIG = "config.json"
 _WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -140,7 +140,9 @@ class VAEModule(LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
-        factor = warmup_cosine(max(1, self.hparams.warmup_steps), total, floor=0.1)
+        timer = training_timer(self.trainer) if self._trainer is not None else None
+        schedule = WarmupCosine(max(1, self.hparams.warmup_steps), total, floor=0.1, time_budget=timer)
+        factor = lambda step: schedule(step)  # noqa: E731
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

@@ -14,6 +14,7 @@ losses, and caption->image pairs with true and with shuffled captions for ``val/
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -259,8 +260,18 @@ class ShapesDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Training rows in stream order (each row is already a random draw): row ``k`` is a pure function of
+        (seed, k), and a resumed run starts at the first row the checkpointed run had not consumed, so it sees
+        exactly the rows the uninterrupted run would (Lightning shards the stream across DDP ranks)."""
         hp = self.hparams
-        return self._loader(_Rows(self, "train", hp.rows_per_epoch), True, self._collate_rows, hp.batch_size)
+        start = 0
+        if self.trainer is not None:
+            consumed = self.trainer.global_step * self.trainer.accumulate_grad_batches
+            start = consumed * hp.batch_size * self.trainer.world_size
+        rows = _Rows(self, "train", hp.rows_per_epoch, start=start)
+        # Lightning cannot see that this loader resumes by itself (it restarts at `start`), and warns otherwise.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        return self._loader(rows, False, self._collate_rows, hp.batch_size)
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         return [
@@ -289,14 +300,16 @@ def with_scene_colors(prompt: Prompt, scene: Scene) -> Prompt:
 
 
 class _Rows(Dataset):
-    """Row ``i`` of a split: a pure function of (seed, split, i), so any sampler/worker/rank sees the same row."""
+    """Row ``start + i`` of a split: a pure function of (seed, split, position), so any sampler, worker or rank
+    sees the same row for the same position."""
 
-    def __init__(self, dm: ShapesDataModule, split: str, length: int):
-        self.dm, self.split, self.length = dm, split, length
+    def __init__(self, dm: ShapesDataModule, split: str, length: int, start: int = 0):
+        self.dm, self.split, self.length, self.start = dm, split, length, start
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, i: int) -> list[Document]:
+        i += self.start  # the stream position this index stands for
         rng = np.random.default_rng([self.dm.hparams.seed, _SPLIT_CODE[self.split], 1, i])
         return self.dm.random_row(self.split, rng)
