@@ -35,20 +35,25 @@ class SampleError(Exception):
 
 
 def load_run(ckpt_path: str | Path, device: str = "cpu"):
-    """(module in eval mode, tokenizer, codec, image size) from a checkpoint and its run directory."""
+    """(module in eval mode, tokenizer, codec, image size) from an export directory (``export.py``: no pickle
+    load), or from a checkpoint written by ``fit`` and its run directory (loaded weights-only)."""
+    from lit_transfusion.export import is_export, load_export
     from lit_transfusion.module import TransfusionModule
     from lit_transfusion.vae import LatentCodec
 
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.exists():
         raise SampleError(f"--ckpt_path {str(ckpt_path)!r}: no such checkpoint file")
+    if is_export(ckpt_path):
+        return load_export(ckpt_path, device)
     config_path = ckpt_path.resolve().parent.parent / "config.yaml"
     if not config_path.is_file():
         raise SampleError(f"no config.yaml next to the checkpoint's run directory ({config_path}); "
                           "expected a checkpoint written by `python -m lit_transfusion fit`")
     try:
         source = _consolidated(ckpt_path) if ckpt_path.is_dir() else ckpt_path
-        module = TransfusionModule.load_from_checkpoint(source, map_location=device, weights_only=False)
+        # weights_only: a Lightning checkpoint holds only tensors and plain containers (tested)
+        module = TransfusionModule.load_from_checkpoint(source, map_location=device, weights_only=True)
     except SampleError:
         raise
     except Exception as e:  # torch raises many kinds for a truncated / foreign file
@@ -187,7 +192,7 @@ def parser() -> ArgumentParser:
     """The ``sample`` command line: :func:`run`'s arguments, then every ``SamplingConfig`` field at its default."""
     p = ArgumentParser(prog="python -m lit_transfusion sample", description=__doc__, exit_on_error=True)
     p.add_argument("--ckpt_path", required=True,
-                   help="a checkpoint written by fit (a file, or the directory FSDP2 writes)")
+                   help="a checkpoint written by fit (a file, or the directory FSDP2 writes), or an export directory")
     p.add_argument("--prompt", action="append", help="a caption, or a text prompt in --mode text (repeatable)")
     p.add_argument("--prompts_file", type=str | None, default=None, help="a text file, one prompt per line")
     p.add_argument("--image", type=str | None, default=None, help="caption this image file instead of generating")
