@@ -3,6 +3,7 @@
     fit | validate | test | predict   train / evaluate a Transfusion model (LightningCLI, ``--config`` YAML)
     vae fit | validate | test         train / evaluate the image autoencoder (LightningCLI over ``VAEModule``)
     sample                            images, captions and mixed text from a checkpoint (``sample.py``)
+    export                            a checkpoint -> safetensors + JSON that load without unpickling
 
 Every command's options come from typed signatures (jsonargparse): ``<command> --help`` lists each one with its
 default. For the Transfusion commands the vocabulary size, special-token ids and latent shape are *linked* from
@@ -21,7 +22,8 @@ from lit_transfusion.hardware import resolve_precision
 
 # Shown under the Transfusion parser's --help (a single paragraph: the help formatter reflows it).
 COMMANDS = ("Other commands: 'vae fit|validate|test --config configs/shapes/vae.yaml' trains the image "
-            "autoencoder; 'sample --help' generates from a checkpoint.")
+            "autoencoder; 'sample --help' generates from a checkpoint; 'export --help' writes its weights as "
+            "safetensors + JSON.")
 
 
 class HardwareAwareCLI(LightningCLI):
@@ -39,7 +41,25 @@ class HardwareAwareCLI(LightningCLI):
 
 
 class TransfusionCLI(HardwareAwareCLI):
-    """LightningCLI whose links carry data-derived sizes into the model at instantiation."""
+    """LightningCLI whose links carry data-derived sizes into the model at instantiation, and which builds the
+    model on the meta device under FSDP2 (``ModelParallelStrategy``), so each rank materialises only its shards."""
+
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        strategy = config["trainer"].get("strategy")
+        class_path = strategy.get("class_path", "") if hasattr(strategy, "get") else str(strategy)
+        if class_path.endswith("ModelParallelStrategy"):
+            model_args = config["model"].get("init_args")
+            if model_args is not None and "empty_init" in model_args:
+                model_args["empty_init"] = True
+            # The module shards along data parallelism only (FSDP2). Lightning's "auto" sizes would give one
+            # machine's devices to tensor parallelism, which the model has no plan for: every rank would hold the
+            # whole model and train on the same rows.
+            args = strategy.get("init_args") if hasattr(strategy, "get") else None
+            devices, nodes = str(config["trainer"].get("devices")), int(config["trainer"].get("num_nodes") or 1)
+            if args is not None and args.get("tensor_parallel_size", "auto") == "auto" and devices.isdigit():
+                args["tensor_parallel_size"], args["data_parallel_size"] = 1, int(devices) * nodes
 
     def add_arguments_to_parser(self, parser) -> None:
         for source, target in [
@@ -96,6 +116,11 @@ def main(argv: list[str] | None = None) -> None:
         from lit_transfusion.sample import main as sample_main
 
         sample_main(rest)
+        return
+    if command == "export":  # a checkpoint -> safetensors + JSON (no pickle to load)
+        from lit_transfusion.export import main as export_main
+
+        export_main(rest)
         return
     # main passes the command line on explicitly (without "vae"): LightningCLI's warning about that is noise.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")

@@ -65,6 +65,7 @@ def load_export(path: str | Path, device: str = "cpu"):
         raise ValueError(f"{path / CONFIG}: format {config.get('format')!r}, expected {FORMAT!r}")
     hparams = config["module"]
     hparams["latent_shape"] = tuple(hparams["latent_shape"])
+    hparams["empty_init"] = False  # one process, the weights loaded right below
     module = TransfusionModule(**hparams)
     module.model.load_state_dict(load_file(path / WEIGHTS, device="cpu"))
     module.to(device)

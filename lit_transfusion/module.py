@@ -13,6 +13,7 @@ logged either way, so runs with and without weighting compare on one curve (vali
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Literal
 
@@ -63,10 +64,9 @@ class TransfusionModule(L.LightningModule):
             (text or image) before any weight changes (the exception checkpoint then holds the last good state);
             "skip": skip the step and count it in ``train/nonfinite_skipped``.
         compile: ``torch.compile`` the model (the first steps pay for compilation; see README for when it pays).
-
-    Under a sharding strategy (FSDP2 via ``ModelParallelStrategy``) build the module on the meta device
-    (``with trainer.init_module(empty_init=True)``; the CLI does this itself): ``configure_model`` shards it and
-    each rank materialises and initialises only its own shards.
+        empty_init: build the network on the meta device (no memory, no init); ``configure_model`` shards it
+            (FSDP2 via ``ModelParallelStrategy``) and each rank materialises and initialises only its own shards.
+            The CLI sets it for ``ModelParallelStrategy``, so a 7B model never exists whole on one rank.
     """
 
     def __init__(
@@ -97,6 +97,7 @@ class TransfusionModule(L.LightningModule):
         seed: int = 0,
         nonfinite: Literal["stop", "skip"] = "stop",
         compile: bool = False,
+        empty_init: bool = False,
     ):
         super().__init__()
         if image_loss_weight < 0:  # typed NonNegativeFloat for the CLI; this guards direct Python use
@@ -118,7 +119,8 @@ class TransfusionModule(L.LightningModule):
         except ValueError as e:
             raise ValueError(f"model.init_args.{e}") from None
         self.special = special_ids
-        self.model = TransfusionModel(self.config)  # on the meta device inside ``init_module(empty_init=True)``
+        with torch.device("meta") if empty_init else contextlib.nullcontext():
+            self.model = TransfusionModel(self.config)
         with torch.device("cpu"):  # the noise schedule is a small table, never meta
             self.diffusion = Diffusion()
         self._cond_gap_sums: Tensor | None = None
@@ -130,6 +132,11 @@ class TransfusionModule(L.LightningModule):
         materialise a meta-device model (each rank only its shards) and optionally compile. Other strategies
         (DDP, ``fsdp``) get the model as built."""
         mesh = self.device_mesh
+        if mesh is not None and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                f"trainer.strategy: ModelParallelStrategy with tensor_parallel_size={mesh['tensor_parallel'].size()}: "
+                "this model shards along data parallelism only (FSDP2); set init_args.data_parallel_size to the "
+                "number of processes and tensor_parallel_size: 1 (the CLI does this when both are 'auto')")
         if mesh is not None and not getattr(self.model, "_sharded", False):
             from torch.distributed.fsdp import fully_shard
 

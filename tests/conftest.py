@@ -63,3 +63,26 @@ def trained_run(tmp_path_factory) -> Path:
     proc = run_cli("fit", "--config", "configs/shapes/tiny.yaml", *small_run_args(tmp))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "runs" / "shapes-tiny" / "version_0"
+
+
+def randomize_output_heads(model, seed: int = 0, std: float = 0.02):
+    """Give the patcher's noise-output layers (``patcher.output_layers()``, zero at init) random N(0, std)
+    weights and biases, so the predicted noise of a fresh model depends on its inputs. ``model``: a
+    TransfusionModel or a TransfusionModule. Seeded by ``seed`` alone; returns ``model``."""
+    net = getattr(model, "model", model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in net.patcher.output_layers():
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    return model
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread (restored afterwards). Nano models are far too small to gain from
+    two, and on a shared 2-core machine two spinning threads make each tiny matmul many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

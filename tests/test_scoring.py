@@ -169,8 +169,10 @@ def test_wrong_captions_score_below_one(samples):
 
 
 def test_shapeless_blobs_are_not_objects(samples):
-    """What an untrained model draws (VAE decodes of random latents) must not pass as shapes: the
-    shape-fit check drops blobs, so chance-level prompts score low."""
+    """What an untrained model draws (VAE decodes of random latents) must not pass as shapes: the shape-fit,
+    size and hue checks drop blobs, so every family scores low. (Before the size and hue checks the overall score
+    was 0.09 but single_object scored 0.375: 2-4 blobs per image, each a "circle" or "triangle" to a lenient
+    detector, answer "is there a <shape>?" by chance.)"""
     from pathlib import Path
 
     import torch
@@ -181,7 +183,10 @@ def test_shapeless_blobs_are_not_objects(samples):
     latents = torch.randn((200, *codec.latent_shape(32)), generator=torch.Generator().manual_seed(0))
     images = list(tensor_to_images(codec.decode(latents)))
     scores = geneval_scores([s.prompt for s in samples[:200]], images)
-    assert scores["overall"] <= 0.15, scores
+    print(f"random-latent decodes: {scores}")
+    assert set(scores) == set(FAMILIES) | {"overall"}
+    assert all(v <= 0.2 for v in scores.values()), scores  # ~32 prompts per family: 0.2 = 6 lucky images
+    assert scores["overall"] <= 0.1, scores
     # the same check keeps VAE reconstructions of renders (the best a generator can do) passing
     from lit_transfusion.vae import images_to_tensor
 

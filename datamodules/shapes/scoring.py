@@ -4,8 +4,11 @@
 `BACKGROUND + alpha * (COLOR - BACKGROUND)` of the background and its best-fitting palette color,
 which makes anti-aliased, blurred or dimmed pixels keep their hue. Pixels with alpha >= 0.5 form
 per-color connected components; shape comes from soft (alpha-weighted) geometry, which survives
-blur and noise far better than a thresholded mask. `score` then checks every clause of a `Prompt`
-the way GenEval does, and `geneval_scores` aggregates per family.
+blur and noise far better than a thresholded mask. A component counts as an object only if it could
+be one of the world's: the ideal shape fits it, it is not much smaller than the smallest object, and
+its pixels keep one palette hue (a VAE decode of random latents, what an untrained model draws, makes
+small muddy blobs that fail these). `score` then checks every clause of a `Prompt` the way GenEval
+does, and `geneval_scores` aggregates per family.
 """
 
 from __future__ import annotations
@@ -17,7 +20,17 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .world import BACKGROUND, COLORS, FAMILIES, NUMBER_WORDS, SHAPES, Prompt, Scene, relations_between
+from .world import (
+    BACKGROUND,
+    COLORS,
+    FAMILIES,
+    MIN_SIZE_FRAC,
+    NUMBER_WORDS,
+    SHAPES,
+    Prompt,
+    Scene,
+    relations_between,
+)
 
 CORE_ALPHA = 0.5  # a pixel is foreground if at least half of it is covered by some color
 SPLIT_ALPHA = 0.8  # bridges between blurred neighbours stay below this
@@ -25,6 +38,12 @@ MAX_OFF_HUE = 0.5  # sin(angle) between a pixel's and its color's direction from
 TRIANGLE_DROP = 0.04  # triangle: mass centroid sits ~H/6 below the bbox center (0 for circle/square)
 SQUARE_FILL = 0.89  # soft fill of the bbox: square ~1.0, circle ~0.785, triangle ~0.5
 MIN_FIT = 0.6  # IoU with the ideal shape at the detected box; below it a blob is not an object
+# Smallest detected bbox side, as a fraction of the world's smallest object (MIN_SIZE_FRAC): renders measure >= 0.89
+# of it, noisy + blurred renders >= 0.80, VAE reconstructions >= 0.85; half of the blobs of random latents < 0.77.
+MIN_SIZE = 0.75
+# Largest mean off-hue (MAX_OFF_HUE's sine) over an object's core pixels: renders ~0.001, noisy + blurred <= 0.05,
+# tinted <= 0.15, VAE reconstructions <= 0.19 (95 % <= 0.09); blobs of random latents mix hues (median 0.24).
+MAX_MEAN_OFF_HUE = 0.2
 
 
 @dataclass(frozen=True)
@@ -40,8 +59,9 @@ class Detection:
     area: int
 
 
-def _alpha_and_color(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 [H, W, 3] -> (alpha float [H, W] in [0, 1], color index int [H, W], -1 = no color).
+def _alpha_and_color(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint8 [H, W, 3] -> (alpha float [H, W] in [0, 1], color index int [H, W], -1 = no color,
+    off-hue float [H, W]: sin of the angle between the pixel's and its color's direction from the background).
 
     alpha is the projection of (pixel - background) onto (COLOR - BACKGROUND) for the color whose
     line through the background fits the pixel best; off-hue pixels (noise, gray) get index -1.
@@ -59,8 +79,8 @@ def _alpha_and_color(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     k = resid.argmin(-1)
     a = np.take_along_axis(alpha, k[..., None], -1)[..., 0]
     r = np.take_along_axis(resid, k[..., None], -1)[..., 0]
-    on_hue = r <= MAX_OFF_HUE * np.linalg.norm(d, axis=-1)
-    return np.clip(a, 0.0, 1.0), np.where(on_hue, k, -1)
+    off_hue = r / np.maximum(np.linalg.norm(d, axis=-1), 1e-6)
+    return np.clip(a, 0.0, 1.0), np.where(off_hue <= MAX_OFF_HUE, k, -1), off_hue
 
 
 def _ideal(shape: str, cx: float, cy: float, size: float, h: int, w: int, k: int = 4) -> np.ndarray:
@@ -123,13 +143,15 @@ def _split(core: np.ndarray, alpha: np.ndarray, min_area: int) -> list[np.ndarra
 
 def detect(image: np.ndarray, min_area: int | None = None) -> list[Detection]:
     """Objects in a uint8 [H, W, 3] image. Components with fewer than `min_area` core pixels
-    (default H*W/100, i.e. ~10 px at 32x32: noise specks) or a non-square bbox are dropped."""
+    (default H*W/100, i.e. ~10 px at 32x32: noise specks), a non-square bbox, a poor fit of the ideal shape,
+    a size well below the world's smallest object or mixed hues are dropped."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"image must be [H, W, 3], got shape {image.shape}")
     h, w = image.shape[:2]
     min_area = max(1, round(h * w / 100)) if min_area is None else min_area
-    alpha, cidx = _alpha_and_color(image)
+    alpha, cidx, off_hue = _alpha_and_color(image)
+    min_size = MIN_SIZE * MIN_SIZE_FRAC * max(h, w)
     names = list(COLORS)
     out = []
     for k, name in enumerate(names):
@@ -154,6 +176,8 @@ def detect(image: np.ndarray, min_area: int | None = None) -> list[Detection]:
                 soft = np.where(grown & same[win], alpha[win], 0.0)
                 shape, cx, cy, size, fit = _classify(soft)
                 if fit < MIN_FIT:  # a shapeless blob (e.g. an undertrained model's smudge) is no object
+                    continue
+                if size < min_size or float(off_hue[win][pad].mean()) > MAX_MEAN_OFF_HUE:  # a small or muddy blob
                     continue
                 out.append(Detection(shape, name, x0 + cx, y0 + cy, size, area))
     return out
