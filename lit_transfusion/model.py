@@ -15,17 +15,18 @@ from lit_transfusion.batch import IGNORE, Seq
 from lit_transfusion.patching import LinearPatcher, UNetPatcher
 from lit_transfusion.transformer import KV, Transformer, TransformerConfig
 
-# Named sizes: the paper's Table 2 (layers / width / heads) plus presets small enough for a 2-core CPU.
+# Named sizes: the paper's Table 2 (layers / width / heads) plus presets small enough for a 2-core CPU. The
+# U-Net patcher's base width scales with them: 1120 channels give the paper's ~0.27B-parameter U-Net (README).
 SIZES: dict[str, dict[str, int]] = {
-    "nano": dict(n_layers=2, dim=64, n_heads=2),
-    "micro": dict(n_layers=2, dim=128, n_heads=2),
-    "tiny": dict(n_layers=4, dim=256, n_heads=4),
-    "small": dict(n_layers=6, dim=384, n_heads=6),
-    "0.16B": dict(n_layers=16, dim=768, n_heads=12),
-    "0.37B": dict(n_layers=24, dim=1024, n_heads=16),
-    "0.76B": dict(n_layers=24, dim=1536, n_heads=24),
-    "1.4B": dict(n_layers=24, dim=2048, n_heads=16),
-    "7B": dict(n_layers=32, dim=4096, n_heads=32),
+    "nano": dict(n_layers=2, dim=64, n_heads=2, unet_channels=32),
+    "micro": dict(n_layers=2, dim=128, n_heads=2, unet_channels=64),
+    "tiny": dict(n_layers=4, dim=256, n_heads=4, unet_channels=64),
+    "small": dict(n_layers=6, dim=384, n_heads=6, unet_channels=96),
+    "0.16B": dict(n_layers=16, dim=768, n_heads=12, unet_channels=1120),
+    "0.37B": dict(n_layers=24, dim=1024, n_heads=16, unet_channels=1120),
+    "0.76B": dict(n_layers=24, dim=1536, n_heads=24, unet_channels=1120),
+    "1.4B": dict(n_layers=24, dim=2048, n_heads=16, unet_channels=1120),
+    "7B": dict(n_layers=32, dim=4096, n_heads=32, unet_channels=1120),
 }
 
 
@@ -67,12 +68,14 @@ class ModelConfig:
         if size not in SIZES:
             raise ValueError(f"size={size!r} is not a known size: expected one of {', '.join(SIZES)}")
         overrides = {k: v for k, v in overrides.items() if v is not None}
-        own = {k: overrides.pop(k) for k in ("patch_size", "patcher", "unet_channels") if k in overrides}
+        preset = dict(SIZES[size])
+        own = {"unet_channels": preset.pop("unet_channels")}
+        own.update({k: overrides.pop(k) for k in ("patch_size", "patcher", "unet_channels") if k in overrides})
         known = TransformerConfig.__dataclass_fields__
         unknown = sorted(set(overrides) - set(known))
         if unknown:
             raise ValueError(f"unknown model setting(s) {', '.join(unknown)}")
-        transformer = TransformerConfig(**{**SIZES[size], **overrides})
+        transformer = TransformerConfig(**{**preset, **overrides})
         return cls(vocab_size=vocab_size, latent_shape=tuple(latent_shape), transformer=transformer, **own)
 
     @property

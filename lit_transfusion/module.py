@@ -43,7 +43,8 @@ class TransfusionModule(L.LightningModule):
         max_seq_len: longest position RoPE covers (>= the data's sequence length).
         patch_size: latent patch side (divides the latent grid).
         patcher: "linear" (t-embedding + linear) or "unet" (time-conditioned conv down/up blocks with skips).
-        unet_channels: base width of the unet patcher.
+        unet_channels: base width of the unet patcher (None: the size's, e.g. 64 for tiny, 1120 for the paper's
+            sizes: a ~0.27B-parameter U-Net as in the paper).
         image_loss_weight: λ in loss = loss_text + λ·loss_image (paper: 5).
         lr: peak learning rate. min_lr: final learning rate of the cosine decay. warmup_steps: linear warmup.
         weight_decay: AdamW decoupled weight decay, applied to matrices only (not norms/biases/vectors).
@@ -81,7 +82,7 @@ class TransfusionModule(L.LightningModule):
         max_seq_len: PositiveInt = 4096,
         patch_size: PositiveInt = 2,
         patcher: Literal["linear", "unet"] = "linear",
-        unet_channels: PositiveInt = 64,
+        unet_channels: PositiveInt | None = None,
         image_loss_weight: NonNegativeFloat = 5.0,
         lr: PositiveFloat = 3e-4,
         min_lr: NonNegativeFloat = 1.5e-5,
