@@ -72,10 +72,10 @@ class TransfusionCLI(HardwareAwareCLI):
         parser.link_arguments("model.init_args.patch_size", "data.init_args.patch_size", apply_on="parse")
 
 
-def build_cli(argv: list[str] | None = None, run: bool = True) -> LightningCLI:
+def build_cli(argv: list[str] | None = None, run: bool = True, cli_class: type | None = None) -> LightningCLI:
     """The Transfusion CLI over ``argv`` (default: ``sys.argv[1:]``); ``run=False`` parses a bare config
     (no subcommand) and only instantiates the model, datamodule and trainer (benchmarks, notebooks)."""
-    return TransfusionCLI(
+    return (cli_class or TransfusionCLI)(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -87,11 +87,11 @@ def build_cli(argv: list[str] | None = None, run: bool = True) -> LightningCLI:
     )
 
 
-def build_vae_cli(argv: list[str] | None = None, run: bool = True) -> LightningCLI:
+def build_vae_cli(argv: list[str] | None = None, run: bool = True, cli_class: type | None = None) -> LightningCLI:
     """The autoencoder's CLI (``python -m lit_transfusion vae fit --config configs/shapes/vae.yaml``)."""
     from lit_transfusion.vae import VAEModule
 
-    return HardwareAwareCLI(
+    return (cli_class or HardwareAwareCLI)(
         VAEModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -125,15 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     # main passes the command line on explicitly (without "vae"): LightningCLI's warning about that is noise.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
     try:
-        if command == "vae":  # the same command lines as build_vae_cli / build_cli, reporting bad settings
-            from lit_transfusion.vae import VAEModule
-
-            _VAECommand(VAEModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                        args=rest, save_config_kwargs={"overwrite": True})
+        if command == "vae":
+            build_vae_cli(rest, cli_class=_VAECommand)
         else:
-            _TransfusionCommand(LightningModule, LightningDataModule, subclass_mode_model=True,
-                                subclass_mode_data=True, args=argv, save_config_kwargs={"overwrite": True},
-                                parser_kwargs={"epilog": COMMANDS})
+            build_cli(argv, cli_class=_TransfusionCommand)
     except (ArgumentError, _ConfigError) as e:  # both are raised before the command runs
         print(f"error: {e if isinstance(e, _ConfigError) else _one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -14,7 +14,8 @@ Image generation (the paper's sec. 3): on ``<boi>``, N noise patches are appende
 a fresh diffusers scheduler; each step runs ONLY the patch positions against the cached prefix (their
 keys/values are not written: they change every step). After the last step the clean latent is run once at
 t = 0 and written to the cache, ``<eoi>`` is appended, and decoding continues in text mode.
-Guidance runs cond and uncond rows in one batch; the uncond row's prefix is the null caption ``<bos>``.
+Guidance runs cond and uncond rows in one batch; the uncond row is ``<bos> <boi>``: the null caption, exactly
+as training's caption-dropped documents lay it out.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ class TransfusionSampler:
     # ------------------------------------------------------------------------------------------- text
     def _pick(self, logits: Tensor, cfg: SamplingConfig, gen: torch.Generator, allow_eos: bool = True) -> Tensor:
         """logits [B, V] -> token ids [B]."""
-        logits = logits.float()
+        logits = logits.float().clone()  # the bans below must not write into the caller's tensor
         banned = [self.special.pad, self.special.eoi] + ([] if allow_eos else [self.special.eos])
         logits[:, banned] = -float("inf")  # <eoi> is appended after an image, never sampled
         if cfg.temperature == 0:
