@@ -64,7 +64,6 @@ class TransfusionModule(L.LightningModule):
         nonfinite: what a non-finite training loss does. "stop": raise an error naming the step and the loss
             (text or image) before any weight changes (the exception checkpoint then holds the last good state);
             "skip": skip the step and count it in ``train/nonfinite_skipped``.
-        compile: ``torch.compile`` the model (the first steps pay for compilation; see README for when it pays).
         empty_init: build the network on the meta device (no memory, no init); ``configure_model`` shards it
             (FSDP2 via ``ModelParallelStrategy``) and each rank materialises and initialises only its own shards.
             The CLI sets it for ``ModelParallelStrategy``, so a 7B model never exists whole on one rank.
@@ -97,7 +96,6 @@ class TransfusionModule(L.LightningModule):
         timestep_sampling: Literal["uniform", "importance"] = "uniform",
         seed: int = 0,
         nonfinite: Literal["stop", "skip"] = "stop",
-        compile: bool = False,
         empty_init: bool = False,
     ):
         super().__init__()
@@ -129,8 +127,8 @@ class TransfusionModule(L.LightningModule):
         self._nonfinite_skipped = 0
 
     def configure_model(self) -> None:
-        """Shard (FSDP2 under Lightning's ``ModelParallelStrategy``: each block, then the rest as one unit),
-        materialise a meta-device model (each rank only its shards) and optionally compile. Other strategies
+        """Shard (FSDP2 under Lightning's ``ModelParallelStrategy``: each block, then the rest as one unit) and
+        materialise a meta-device model (each rank only its shards). Other strategies
         (DDP, ``fsdp``) get the model as built."""
         mesh = self.device_mesh
         if mesh is not None and mesh["tensor_parallel"].size() > 1:
@@ -150,9 +148,6 @@ class TransfusionModule(L.LightningModule):
             device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
             self.model.to_empty(device=device)
             self.model.init_weights()
-        if self.hparams.compile and not getattr(self, "_compiled", False):
-            self.model.compile()
-            self._compiled = True
 
     # ----------------------------------------------------------------------------------------- forward
     def attention_mask(self, seq: Seq):
