@@ -147,7 +147,12 @@ class TransfusionModule(L.LightningModule):
         if any(p.is_meta for p in self.model.parameters()):
             device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
             self.model.to_empty(device=device)
-            self.model.init_weights()
+            with torch.random.fork_rng(devices=[]):
+                if mesh is not None:
+                    # Each rank draws its own shards. On CPU, DTensor has no cross-rank RNG tracker: ranks seeded
+                    # alike would fill their shards with the same numbers (rows repeated across the model).
+                    torch.manual_seed(torch.initial_seed() + 1_000_003 * (self.trainer.global_rank + 1))
+                self.model.init_weights()
 
     # ----------------------------------------------------------------------------------------- forward
     def attention_mask(self, seq: Seq):
