@@ -238,7 +238,8 @@ class TransfusionModule(L.LightningModule):
         for k in ("loss", "loss_text", "loss_image", "mse_image"):
             self.log(f"train/{k}", out[k], prog_bar=k == "loss", batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
-        self.log("train/schedule_progress", self._schedule.progress(self.trainer.global_step), batch_size=n)
+        if hasattr(self, "_schedule"):  # absent when a subclass brings its own optimizer and schedule
+            self.log("train/schedule_progress", self._schedule.progress(self.trainer.global_step), batch_size=n)
         return out["loss"]
 
     def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:
@@ -322,6 +323,8 @@ class TransfusionModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         """Say how much of the promised schedule ran (a stop by signal or exception leaves it unfinished)."""
+        if not hasattr(self, "_schedule"):
+            return
         progress = self._schedule.progress(self.trainer.global_step)
         done = "complete" if progress >= 0.999 else f"INCOMPLETE ({progress:.0%})"
         rank_zero_info(f"training ended at step {self.trainer.global_step} of max_steps {self.trainer.max_steps}: "
