@@ -9,13 +9,12 @@ At the end of every ``every_n_evals``-th validation (and in ``test``) it compute
     {stage}/caption_acc      fraction of the attributes in the model's captions of held-out renders that are true
     {stage}/samples          a grid: one fixed prompt per task family (rows), ``grid_images`` samples each
 
-The grid also goes to ``<run dir>/samples/step_<N>.png`` and every ``{stage}/*`` scalar (with the model's own
+The grid also goes to ``<run dir>/samples/{stage}_step_<N>.png`` and every ``{stage}/*`` scalar (with the model's own
 losses and ``cond_gap``) to ``<run dir>/metrics.json`` (validation: latest + history; test: ``metrics_test.json``).
 
-Ranks: generation runs on global rank 0 only and is logged with ``rank_zero_only=True`` (other ranks go on and
-meet rank 0 at the next collective). Under FSDP2 (``ModelParallelStrategy``) a forward needs every rank, so all
-ranks evaluate the same seeded samples and rank 0 logs. The feature network and VAE live on this callback, not
-on the LightningModule, so they never enter a checkpoint.
+Ranks (``callbacks.common.EvaluationCallback``): generation runs on global rank 0 only and is logged with
+``rank_zero_only=True``; under FSDP every rank evaluates the same seeded samples and rank 0 logs. The feature
+network and VAE live on this callback, not on the LightningModule, so they never enter a checkpoint.
 
 Cost (defaults, tiny model, 2 CPU cores): about 10 s per evaluation — one batched DDIM-25 guided sampling pass
 over 6 x 8 x 2 = 96 GenEval images plus the 24-image grid, 32 captions and 2 x 64 perplexity documents.
@@ -23,16 +22,13 @@ over 6 x 8 x 2 = 96 GenEval images plus the 24-image grid, 32 captions and 2 x 6
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
+from callbacks.common import EvaluationCallback, generate_uint8, log_grid, tensorboard
 from callbacks.fid import FEATURES, make_fid
 from callbacks.perplexity import perplexity
 from datamodules.shapes.scoring import caption_attributes_correct, geneval_scores
@@ -52,7 +48,7 @@ GRID_PROMPTS: tuple[Prompt, ...] = (
 )
 
 
-class ShapesEvaluation(L.Callback):
+class ShapesEvaluation(EvaluationCallback):
     """Sample grid, perplexity, FID, GenEval-style score and captioning accuracy for ``ShapesDataModule`` runs.
 
     Args:
@@ -70,6 +66,8 @@ class ShapesEvaluation(L.Callback):
             the prompts and their noise, so evaluations differ only by the model.
     """
 
+    METRICS = ("ppl_", "fid", "geneval/", "caption_acc")
+
     def __init__(
         self,
         every_n_evals: NonNegativeInt = 1,
@@ -83,64 +81,23 @@ class ShapesEvaluation(L.Callback):
         ppl_documents: PositiveInt = 64,
         sampling: SamplingConfig | None = None,
     ):
-        super().__init__()
+        super().__init__(every_n_evals)
         self.sampling = sampling or SamplingConfig(scheduler="ddim", steps=25)
         if fid_feature not in FEATURES:
             raise ValueError(f"fid_feature={fid_feature!r}: expected one of {FEATURES}")
         if fid_feature == "inception" and inception_weights is None:
             make_fid("inception")  # raises the clear "needs a local weights file" message at parse time
-        self.every_n_evals, self.prompts_per_family = every_n_evals, prompts_per_family
+        self.prompts_per_family = prompts_per_family
         self.images_per_prompt, self.grid_images, self.fid_real = images_per_prompt, grid_images, fid_real
         self.num_captions, self.ppl_documents = num_captions, ppl_documents
         self.fid_feature, self.inception_weights = fid_feature, inception_weights
-        self._evals = 0
         self._codec: LatentCodec | None = None
         self._fid = None
         self._fid_split: str | None = None
-        self._history: list[dict] = []
-        self._last: dict[str, float] = {}
 
-    # ------------------------------------------------------------------------------------------- hooks
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last = {}
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        self._evals += 1
-        if self.every_n_evals and self._evals % self.every_n_evals == 0:
-            self._evaluate(trainer, pl_module, "val")
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._write_json(trainer, "val")
-
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._evaluate(trainer, pl_module, "test")
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._write_json(trainer, "test")
-
-    # ------------------------------------------------------------------------------------------- work
-    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        sharded = isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy))  # subclasses too
-        self._last = {}
-        if not (trainer.is_global_zero or sharded):
-            return
-        split = "val" if stage == "val" else "test"
-        dm = trainer.datamodule
+    def check_datamodule(self, dm) -> None:
         if not all(hasattr(dm, a) for a in ("world", "scenes", "samples", "latents", "caption_ids", "text_document")):
             raise TypeError(f"ShapesEvaluation needs a ShapesDataModule (datamodules.shapes), got {type(dm).__name__}")
-        start = time.perf_counter()
-        was_training = pl_module.training
-        zero = trainer.is_global_zero  # under sharding every rank computes; only rank 0 writes files
-        metrics = self.compute(pl_module, dm, split, log_dir=_run_dir(trainer) if zero else None,
-                               step=trainer.global_step, logger=trainer.logger if zero else None, stage=stage)
-        pl_module.train(was_training)
-        metrics[f"{stage}/eval_seconds"] = time.perf_counter() - start
-        for name, value in metrics.items():
-            pl_module.log(name, value, rank_zero_only=True)
-        self._last = metrics
 
     @torch.no_grad()
     def compute(self, pl_module, dm, split: str, log_dir: Path | None = None, step: int = 0, logger=None,
@@ -207,56 +164,13 @@ class ShapesEvaluation(L.Callback):
         return out
 
     def _generate(self, sampler: TransfusionSampler, codec: LatentCodec, ids: list[list[int]]) -> torch.Tensor:
-        latents = sampler.generate_images(ids, self.sampling)
-        pixels = (codec.decode(latents) + 1) / 2  # [N, 3, H, W] in [0, 1]
-        return (pixels * 255).round().clamp(0, 255).to(torch.uint8)
+        return generate_uint8(sampler, codec, ids, self.sampling)  # uint8 [N, 3, H, W]
 
     def _log_grid(self, images, prompts, captions, log_dir, step, logger, stage) -> None:
-        from torchvision.utils import save_image
-
-        from lit_transfusion.grid import labeled_grid
-
-        # Rows of grid_images samples, upscaled to >= 128 px, each row's prompt at its left: [3, H', W'] in [0, 1].
-        grid = labeled_grid(images.float().cpu() / 255, prompts, ncol=self.grid_images)
-        if log_dir is not None:
-            (log_dir / "samples").mkdir(parents=True, exist_ok=True)
-            save_image(grid, log_dir / "samples" / f"{stage}_step_{step:06d}.png")
-        experiment = getattr(logger, "experiment", None)
-        if experiment is not None and hasattr(experiment, "add_image"):  # TensorBoard's SummaryWriter
-            experiment.add_image(f"{stage}/samples", grid, step)
-            rows = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(prompts))
-            experiment.add_text(f"{stage}/samples_prompts", f"Rows, top to bottom:\n\n{rows}", step)
-            experiment.add_text(f"{stage}/captions", "\n\n".join(captions), step)
-
-    def _write_json(self, trainer: L.Trainer, stage: str) -> None:
-        log_dir = _run_dir(trainer)
-        if log_dir is None or not trainer.is_global_zero:
-            return
-        # The module's own metrics are fresh at every validation; this callback's only where it just ran.
-        values = {k: float(v) for k, v in trainer.callback_metrics.items()
-                  if k.startswith(f"{stage}/") and (k in self._last or not _is_eval_metric(k))}
-        entry = {"step": trainer.global_step, **dict(sorted(values.items()))}
-        if stage == "val":
-            self._history.append(entry)
-            payload = {"latest": entry, "history": self._history}
-            name = "metrics.json"
-        else:
-            payload, name = {"latest": entry}, "metrics_test.json"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / name).write_text(json.dumps(payload, indent=2))
-
-
-def _is_eval_metric(name: str) -> bool:
-    """Is ``name`` (e.g. ``val/fid``) one of the metrics this callback computes?"""
-    metric = name.split("/", 1)[-1]
-    return metric.startswith(("ppl_", "fid", "geneval/", "caption_acc", "eval_seconds"))
-
-
-def _run_dir(trainer: L.Trainer) -> Path | None:
-    """The logger's version directory (``runs/<name>/version_<n>``), or the trainer's root without a logger."""
-    if trainer.logger is not None and trainer.logger.log_dir is not None:
-        return Path(trainer.logger.log_dir)
-    return Path(trainer.default_root_dir) if trainer.default_root_dir else None
+        log_grid(images, prompts, self.grid_images, log_dir, step, logger, stage)
+        writer = tensorboard(logger)
+        if writer is not None:
+            writer.add_text(f"{stage}/captions", "\n\n".join(captions), step)
 
 
 def _prompts_per_family(dm, split: str, n: int) -> list[Prompt]:

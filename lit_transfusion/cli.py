@@ -4,6 +4,7 @@
     vae fit | validate | test         train / evaluate the image autoencoder (LightningCLI over ``VAEModule``)
     sample                            images, captions and mixed text from a checkpoint (``sample.py``)
     export                            a checkpoint -> safetensors + JSON that load without unpickling
+    prepare                           a user's images, captions, documents and texts -> streamable training data
 
 Every command's options come from typed signatures (jsonargparse): ``<command> --help`` lists each one with its
 default. For the Transfusion commands the vocabulary size, special-token ids and latent shape are *linked* from
@@ -23,7 +24,15 @@ from lit_transfusion.hardware import resolve_precision
 # Shown under the Transfusion parser's --help (a single paragraph: the help formatter reflows it).
 COMMANDS = ("Other commands: 'vae fit|validate|test --config configs/shapes/vae.yaml' trains the image "
             "autoencoder; 'sample --help' generates from a checkpoint; 'export --help' writes its weights as "
-            "safetensors + JSON.")
+            "safetensors + JSON; 'prepare --help' turns your own data into training data.")
+
+# Commands that are not a Trainer loop: name -> "module:function" called with the remaining arguments. Data
+# preparation lives beside the datamodules it feeds, so it is named here rather than imported.
+ENTRY_POINTS = {
+    "sample": "lit_transfusion.sample:main",
+    "export": "lit_transfusion.export:main",
+    "prepare": "datamodules.files.prepare:main",
+}
 
 
 class HardwareAwareCLI(LightningCLI):
@@ -112,15 +121,11 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     command, rest = (argv[0], argv[1:]) if argv else ("", [])
-    if command == "sample":  # generation: not a Trainer loop
-        from lit_transfusion.sample import main as sample_main
+    if command in ENTRY_POINTS:
+        import importlib
 
-        sample_main(rest)
-        return
-    if command == "export":  # a checkpoint -> safetensors + JSON (no pickle to load)
-        from lit_transfusion.export import main as export_main
-
-        export_main(rest)
+        module, function = ENTRY_POINTS[command].split(":")
+        getattr(importlib.import_module(module), function)(rest)
         return
     # main passes the command line on explicitly (without "vae"): LightningCLI's warning about that is noise.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")

@@ -64,8 +64,11 @@ def load_run(ckpt_path: str | Path, device: str = "cpu"):
     init_args = dict(data_cfg.get("init_args") or {})
     init_args["patch_size"] = module.hparams.patch_size
     dm = getattr(importlib.import_module(module_name), cls_name)(**init_args)
-    codec = LatentCodec.from_dir(dm.hparams.vae_path).to(device)
-    return module.eval(), dm.tokenizer, codec, dm.hparams.image_size
+    # A datamodule names its VAE and image size as properties (prepared data: from its manifest) or settings.
+    vae_path = getattr(dm, "vae_path", None) or dm.hparams.vae_path
+    image_size = getattr(dm, "image_size", None) or dm.hparams.image_size
+    codec = LatentCodec.from_dir(vae_path).to(device)
+    return module.eval(), dm.tokenizer, codec, int(image_size)
 
 
 def _consolidated(folder: Path) -> io.BytesIO:

@@ -272,6 +272,18 @@ class LatentCodec(torch.nn.Module):
         return torch.cat(out).to(images.device)
 
     @torch.no_grad()
+    def encode_distribution(self, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[N, 3, H, W]`` in ``[-1, 1]`` -> the posterior in standardized units: ``(mean, logvar)``, each
+        ``[N, C, H/f, W/f]`` (a sample is ``mean + exp(logvar / 2) * noise``, already mean ≈ 0, std ≈ 1)."""
+        device = next(self.vae.parameters()).device
+        means, logvars = [], []
+        for x in images.split(batch_size):
+            dist = self.vae.encode(x.to(device).float()).latent_dist
+            means.append((dist.mean - self.shift) * self.scale)
+            logvars.append(dist.logvar + 2 * torch.log(self.scale))  # Var(a z) = a^2 Var(z)
+        return torch.cat(means).to(images.device), torch.cat(logvars).to(images.device)
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Standardized latents ``[N, C, h, w]`` -> images ``[N, 3, h*f, w*f]`` in ``[-1, 1]``."""
         device = next(self.vae.parameters()).device

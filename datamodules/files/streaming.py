@@ -1,0 +1,500 @@
+"""PreparedDataModule: a prepared directory (``python -m lit_transfusion prepare``) streamed into packed batches.
+
+Training streams each source's ``train`` split with litdata (shuffled chunks, several sources mixed by
+``CombinedStreamingDataset``), turns every stored sample into one document and packs the documents of a batch
+into rows of ``seq_len`` (first-fit decreasing). Documents, as in ``ShapesDataModule``:
+
+- PAIR, caption -> image   ``<bos> caption <boi> image <eoi> <eos>``         (one of the stored captions)
+- PAIR, image -> caption   ``<bos> <boi> image <eoi> caption <eos>``, t capped at ``noise_limit``
+- PAIR, null caption       ``<bos> <boi> image <eoi> <eos>``, no LM loss on the empty caption (CFG)
+- INTERLEAVED              ``<bos>`` text and images in their stored order ``<eos>``
+- TEXT                     ``<bos> text <eos>``
+
+Image latents are drawn from the stored posterior (mean + std * noise) of the image or of its stored horizontal
+flip. Validation reads each source's ``val`` split into memory: packed rows for the losses, and caption->image
+pairs with true and with shifted captions for ``val/cond_gap``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+import zlib
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from jsonargparse.typing import ClosedUnitInterval, PositiveInt
+from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
+from torch.utils.data import DataLoader
+
+from datamodules.files.schema import IMAGE, INTERLEAVED, PAIR, TEXT, TOKENIZER, Manifest, Sample
+from lit_transfusion.batch import (
+    Batch,
+    CaptionPairs,
+    Document,
+    Image,
+    SpecialIds,
+    Text,
+    document_length,
+    greedy_rows,
+    pack_pairs,
+    pack_rows,
+)
+from lit_transfusion.tokenizer import TextTokenizer
+
+
+class PreparedDataModule(L.LightningDataModule):
+    """Packed documents streamed from a prepared directory.
+
+    Args:
+        data_dir: a directory written by ``python -m lit_transfusion prepare`` (``manifest.json``, ``tokenizer.json``
+            and one litdata dataset per source and split).
+        weights: training mix by source name. None: every training sample of every source once per epoch. With
+            weights, each sample is drawn from a source chosen with these probabilities and the epoch ends when
+            the first source runs out (litdata's ``CombinedStreamingDataset``); a source left out or given 0 is
+            not trained on.
+        seq_len: positions per packed row; at least the ``seq_len`` the data was prepared for.
+        batch_size: rows per batch (a batch whose documents need more rows simply has more; none is dropped).
+        patch_size: latent patch side (linked from the model's patch_size); at most as many patches per image as
+            the data was prepared for.
+        image_first_ratio: fraction of image-caption documents laid out image -> caption.
+        caption_dropout: fraction of the other image-caption documents whose caption is dropped (CFG).
+        noise_limit: max diffusion timestep for image-first documents.
+        flip: use the stored horizontal flips (each image document picks the image or its flip at random).
+        sample_latents: draw each latent from the stored posterior (mean + std * noise); False: the mean.
+        shuffle: shuffle the training stream (chunks, then samples within them) anew every epoch.
+        seed: seeds the shuffle and every random choice of a document (caption, layout, flip, latent noise).
+        num_workers: DataLoader worker processes for training.
+        val_samples: validation samples read per source (the first ones).
+        cond_gap_pairs: validation caption->image pairs for ``val/cond_gap``.
+        docs_per_batch: samples (documents) per training batch; None: about ``batch_size`` rows' worth, from the
+            mean document length in the manifest.
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        weights: dict[str, float] | None = None,
+        seq_len: PositiveInt = 128,
+        batch_size: PositiveInt = 16,
+        patch_size: PositiveInt = 2,
+        image_first_ratio: ClosedUnitInterval = 0.2,
+        caption_dropout: ClosedUnitInterval = 0.1,
+        noise_limit: PositiveInt = 500,
+        flip: bool = True,
+        sample_latents: bool = True,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+        val_samples: PositiveInt = 512,
+        cond_gap_pairs: PositiveInt = 256,
+        docs_per_batch: PositiveInt | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(data_dir)
+        try:
+            self._manifest = Manifest.read(self.root)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"data.data_dir: {e}") from None
+        except (ValueError, TypeError, KeyError) as e:  # a wrong version or a malformed manifest.json
+            raise ValueError(f"data.data_dir: {e}") from None
+        self._tokenizer = self._read_tokenizer()
+        self._check_shapes(seq_len, patch_size)
+        self.train_weights = self._check_weights(weights)
+        self.layout = Layout(
+            special=self._tokenizer.special, image_first_ratio=image_first_ratio, caption_dropout=caption_dropout,
+            noise_limit=noise_limit, flip=flip and self._manifest.flip, sample_latents=sample_latents, seed=seed,
+        )
+        self.train_dataset = None
+        self._train_loader: _EpochAwareLoader | None = None
+        self._eval: dict[str, list[Sample]] = {}  # split -> its samples, source after source
+        self._warned_no_val = False
+
+    # ----------------------------------------------------------------------------------------- checks
+    def _read_tokenizer(self) -> TextTokenizer:
+        path = self.root / TOKENIZER
+        if not path.is_file():
+            raise FileNotFoundError(f"data.data_dir: {str(path)!r} does not exist: a prepared directory holds the "
+                                    "tokenizer its text was encoded with")
+        sha1 = hashlib.sha1(path.read_bytes()).hexdigest()
+        if sha1 != self._manifest.tokenizer_sha1:
+            raise ValueError(
+                f"data.data_dir: {str(path)!r} does not match the tokenizer the data was prepared with (sha1 {sha1}, "
+                f"manifest.json says {self._manifest.tokenizer_sha1}): the stored token ids would mean other text. "
+                "Restore that tokenizer.json or prepare the data again"
+            )
+        return TextTokenizer.from_file(path)
+
+    def _check_shapes(self, seq_len: int, patch_size: int) -> None:
+        m = self._manifest
+        _, h, w = m.latent_shape
+        if h % patch_size or w % patch_size:
+            raise ValueError(f"model.patch_size={patch_size} must divide the latent grid {h}x{w} of the data in "
+                             f"{str(self.root)!r}")
+        if seq_len < m.seq_len:
+            raise ValueError(f"data.seq_len={seq_len} is smaller than seq_len={m.seq_len} the data in "
+                             f"{str(self.root)!r} was prepared for: its longest documents would not fit a row")
+        prepared = (h // m.patch_size) * (w // m.patch_size)
+        if self.patches_per_image > prepared:
+            raise ValueError(
+                f"model.patch_size={patch_size} gives {self.patches_per_image} patches per image, more than the "
+                f"{prepared} of patch_size={m.patch_size} the data in {str(self.root)!r} was prepared for: its "
+                f"longest documents would not fit a row (use patch_size >= {m.patch_size} or prepare the data again)"
+            )
+
+    def _check_weights(self, weights: dict[str, float] | None) -> dict[str, float] | None:
+        """The sources to train on with their (unnormalised) weights; None: all, each sample once an epoch."""
+        trainable = [name for name, s in self._manifest.sources.items() if "train" in s.splits]
+        if weights is None:
+            if not trainable:
+                raise ValueError(f"data.data_dir: no source in {str(self.root)!r} has a train split")
+            return None
+        known = sorted(self._manifest.sources)
+        unknown = sorted(set(weights) - set(known))
+        if unknown:
+            raise ValueError(f"data.weights names unknown sources {unknown}; the sources of {str(self.root)!r} are "
+                             f"{known}")
+        if any(not np.isfinite(v) or v < 0 for v in weights.values()):
+            raise ValueError(f"data.weights must be finite and >= 0, got {weights}")
+        untrainable = sorted(n for n, v in weights.items() if v > 0 and n not in trainable)
+        if untrainable:
+            raise ValueError(f"data.weights gives weight to sources without a train split: {untrainable}")
+        chosen = {name: float(v) for name, v in weights.items() if v > 0}
+        if not chosen:
+            raise ValueError(f"data.weights leaves no source to train on: {weights}")
+        return chosen
+
+    # ---------------------------------------------------------------------- what the model is linked to
+    @property
+    def manifest(self) -> Manifest:
+        return self._manifest
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.vocab_size
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return vars(self._tokenizer.special).copy()
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self._manifest.latent_shape)
+
+    @property
+    def image_size(self) -> int:
+        return self._manifest.image_size
+
+    @property
+    def patches_per_image(self) -> int:
+        _, h, w = self._manifest.latent_shape
+        p = self.hparams.patch_size
+        return (h // p) * (w // p)
+
+    @property
+    def vae_path(self) -> str:
+        """The VAE the latents were encoded with (decode them with ``LatentCodec.from_dir(vae_path)``)."""
+        path = Path(self._manifest.vae_path)
+        if not path.is_absolute() and not path.exists() and (self.root / path).exists():
+            return str(self.root / path)
+        return str(path)
+
+    # ------------------------------------------------------------------------------------------- setup
+    def setup(self, stage: str | None = None) -> None:
+        """Build the training stream (fit) and read the evaluation samples. Called in every process: under DDP
+        litdata splits the stream by the rank it finds here."""
+        if stage in (None, "fit") and self.train_dataset is None:
+            self.train_dataset = self._train_dataset()
+        if stage in (None, "fit", "validate", "test"):
+            self.eval_samples("val")
+
+    def _train_dataset(self) -> StreamingDataset | CombinedStreamingDataset:
+        hp = self.hparams
+        names = list(self.train_weights or
+                     [n for n, s in self._manifest.sources.items() if "train" in s.splits])
+        # Under DDP every rank must run the same number of steps (a rank that runs out first would leave the others
+        # waiting in the gradient all-reduce). litdata never repeats samples to even the ranks out: with drop_last
+        # each rank gets the same whole number of batches, so up to world_size * docs_per_batch - 1 samples of each
+        # source are left out of an epoch (different ones each epoch when shuffling). One process drops nothing.
+        drop_last = _world_size() > 1
+        datasets = [StreamingDataset(str(self.root / self._manifest.sources[n].splits["train"].dir),
+                                     shuffle=hp.shuffle, seed=hp.seed, drop_last=drop_last) for n in names]
+        if len(datasets) == 1:
+            return datasets[0]
+        if self.train_weights is None:
+            return CombinedStreamingDataset(datasets, seed=hp.seed, iterate_over_all=True)
+        return CombinedStreamingDataset(datasets, seed=hp.seed, weights=[self.train_weights[n] for n in names],
+                                        iterate_over_all=False)
+
+    def default_docs_per_batch(self) -> int:
+        """About ``batch_size`` rows' worth of documents: batch_size * seq_len / (mean positions per document),
+        the mean taken over the training sources in their mix (by sample count, or by weight) from the
+        manifest's counts: per sample, its text tokens + <bos> <eos> + (patches + 2) per image. A PAIR sample's
+        tokens count every alternative caption while a document holds one, so the estimate leans to fewer
+        documents, never to rows that overflow (packing adds rows rather than dropping a document)."""
+        hp = self.hparams
+        mix = self.train_weights or {n: float(s.splits["train"].samples) for n, s in self._manifest.sources.items()
+                                     if "train" in s.splits}
+        mean, total = 0.0, sum(mix.values())
+        for name, w in mix.items():
+            info = self._manifest.sources[name].splits["train"]
+            n = max(info.samples, 1)
+            mean += w / total * (info.tokens / n + 2 + info.images / n * (self.patches_per_image + 2))
+        return max(1, round(hp.batch_size * hp.seq_len / max(mean, 1.0)))
+
+    # -------------------------------------------------------------------------------------- dataloaders
+    def train_dataloader(self) -> StreamingDataLoader:
+        hp = self.hparams
+        if self.train_dataset is None:
+            self.setup("fit")
+        collate = PackCollate(self.layout, hp.seq_len, hp.patch_size, self.patches_per_image)
+        self._train_loader = _EpochAwareLoader(
+            self.train_dataset, batch_size=hp.docs_per_batch or self.default_docs_per_batch(), collate_fn=collate,
+            num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
+        )
+        return self._train_loader
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # A training batch on its way to the step: the loader's checkpointed position moves past it.
+        if isinstance(batch, Batch) and "stream_state" in batch.meta:
+            state = batch.meta.pop("stream_state")
+            if self._train_loader is not None:
+                self._train_loader.taken(state)
+        return batch
+
+    def _eval_loaders(self, split: str) -> list[DataLoader]:
+        hp = self.hparams
+        samples = self.eval_samples(split)
+        if not samples:
+            if not self._warned_no_val:
+                warnings.warn(f"{str(self.root)!r} has no {split} split: no validation losses", stacklevel=2)
+                self._warned_no_val = True
+            return []
+        docs = [document(s, np.random.default_rng([hp.seed, i]), self.layout, self.hparams.sample_latents)
+                for i, s in enumerate(samples)]
+        rows = greedy_rows(docs, hp.seq_len, self.patches_per_image)
+        sp = self._tokenizer.special
+        loaders = [DataLoader(rows, batch_size=hp.batch_size, shuffle=False,
+                              collate_fn=_PackRows(hp.seq_len, hp.patch_size, sp))]
+        captions = self.caption_documents(split, hp.cond_gap_pairs)
+        n = len(captions)
+        if n >= 2:  # a caption of another image needs another image
+            shift = int(np.random.default_rng([hp.seed, 7]).integers(1, n))
+            pairs = [(doc, [captions[(i + shift) % n][0], doc[1], doc[2]]) for i, doc in enumerate(captions)]
+            # One document per row keeps images in the same order in both batches.
+            loaders.append(DataLoader(pairs, batch_size=64, shuffle=False, collate_fn=_PackPairs(hp.patch_size, sp)))
+        return loaders
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("val")
+
+    # --------------------------------------------------------------------- evaluation (callbacks use these)
+    def eval_samples(self, split: str = "val") -> list[Sample]:
+        """The first ``val_samples`` samples of each source's ``split``, source after source (read once)."""
+        if split not in self._eval:
+            out = []
+            for info in self._manifest.sources.values():
+                if split not in info.splits:
+                    continue
+                ds = StreamingDataset(str(self.root / info.splits[split].dir), shuffle=False)
+                out += [Sample.from_item(ds[i]) for i in range(min(len(ds), self.hparams.val_samples))]
+            self._eval[split] = out
+        return self._eval[split]
+
+    def _pairs(self, split: str, n: int) -> list[Sample]:
+        return [s for s in self.eval_samples(split) if s.kind == PAIR][:n]
+
+    def caption_documents(self, split: str, n: int) -> list[Document]:
+        """Caption -> image documents of the first ``n`` PAIR samples of ``split``: ``<bos>`` + first caption,
+        the clean latent mean of the unflipped image, ``<eos>``."""
+        return [caption_document(s, self._tokenizer.special) for s in self._pairs(split, n)]
+
+    def text_documents(self, split: str, n: int) -> list[Document]:
+        """The first ``n`` TEXT and INTERLEAVED samples of ``split`` as documents (images as clean means)."""
+        samples = [s for s in self.eval_samples(split) if s.kind in (TEXT, INTERLEAVED)][:n]
+        return [clean_document(s, self._tokenizer.special) for s in samples]
+
+    def heldout_images(self, split: str, n: int) -> np.ndarray:
+        """uint8 [n', H, W, 3]: the stored pixels of the first ``n`` PAIR samples of ``split`` (n' <= n)."""
+        samples = self._pairs(split, n)
+        missing = [s.key for s in samples if s.pixels is None]
+        if missing:
+            raise ValueError(f"{split} samples of {str(self.root)!r} carry no pixels (e.g. {missing[0]!r}): only "
+                             "validation splits written by prepare store them")
+        size = self.image_size
+        if not samples:
+            return np.zeros((0, size, size, 3), dtype=np.uint8)
+        return np.stack([np.asarray(s.pixels[0], dtype=np.uint8) for s in samples])
+
+    def heldout_captions(self, split: str, n: int) -> list[str]:
+        """The decoded first caption of each sample of ``heldout_images(split, n)``."""
+        return [self._tokenizer.decode(s.texts()[0].tolist()) for s in self._pairs(split, n)]
+
+
+# ------------------------------------------------------------------------------------------- documents
+class Layout:
+    """What turning a stored sample into a training document needs (picklable: it travels to workers)."""
+
+    def __init__(self, special: SpecialIds, image_first_ratio: float, caption_dropout: float, noise_limit: int,
+                 flip: bool, sample_latents: bool, seed: int = 0):
+        self.special = special
+        self.image_first_ratio, self.caption_dropout, self.noise_limit = image_first_ratio, caption_dropout, noise_limit
+        self.flip, self.sample_latents, self.seed = flip, sample_latents, seed
+
+
+def latent(sample: Sample, i: int, rng: np.random.Generator, flip: bool, noisy: bool) -> torch.Tensor:
+    """float32 [C, h, w]: image ``i`` of ``sample``, or its stored flip (``flip``: one of the stored versions
+    at random), drawn from the posterior (``noisy``: mean + exp(logvar / 2) * N(0, 1)) or its mean."""
+    versions = sample.mean.shape[1]
+    f = int(rng.integers(versions)) if flip and versions > 1 else 0
+    mean = sample.mean[i, f].astype(np.float32)
+    if noisy:
+        std = np.exp(sample.logvar[i, f].astype(np.float32) / 2)
+        mean = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(mean))
+
+
+def document(sample: Sample, rng: np.random.Generator, layout: Layout, noisy: bool | None = None) -> Document:
+    """One training document of ``sample`` (layout, caption, flip and latent noise drawn with ``rng``);
+    ``noisy`` overrides ``layout.sample_latents``."""
+    sp = layout.special
+    noisy = layout.sample_latents if noisy is None else noisy
+    if sample.kind == PAIR:
+        captions = sample.texts()
+        ids = captions[int(rng.integers(len(captions)))].tolist() if captions else []
+        lat = latent(sample, 0, rng, layout.flip, noisy)
+        if rng.random() < layout.image_first_ratio:
+            return [Text([sp.bos]), Image(lat, t_max=layout.noise_limit), Text(ids + [sp.eos])]
+        if rng.random() < layout.caption_dropout:
+            return [Text([sp.bos], loss=False), Image(lat), Text([sp.eos])]
+        return [Text([sp.bos] + ids), Image(lat), Text([sp.eos])]
+    if sample.kind == INTERLEAVED:
+        return _interleaved(sample, sp, lambda i: latent(sample, i, rng, layout.flip, noisy))
+    if sample.kind == TEXT:
+        return [Text([sp.bos] + sample.tokens.tolist() + [sp.eos])]
+    raise ValueError(f"sample {sample.key!r}: kind {sample.kind} is not PAIR, INTERLEAVED or TEXT")
+
+
+def _interleaved(sample: Sample, sp: SpecialIds, image) -> Document:
+    """``<bos>`` + segments in order + ``<eos>``; ``image(i)`` gives the latent of image ``i``."""
+    doc: Document = []
+    text, start, n_image = [sp.bos], 0, 0
+    for n in sample.segments.tolist():
+        if n == IMAGE:
+            if text:
+                doc.append(Text(text))
+            doc.append(Image(image(n_image)))
+            text, n_image = [], n_image + 1
+        else:
+            text = text + sample.tokens[start : start + n].tolist()
+            start += n
+    doc.append(Text(text + [sp.eos]))
+    return doc
+
+
+def caption_document(sample: Sample, sp: SpecialIds) -> Document:
+    """``<bos>`` first caption, the unflipped clean image, ``<eos>`` (a PAIR sample)."""
+    ids = sample.texts()[0].tolist()
+    return [Text([sp.bos] + ids), Image(torch.from_numpy(sample.mean[0, 0].astype(np.float32))), Text([sp.eos])]
+
+
+def clean_document(sample: Sample, sp: SpecialIds) -> Document:
+    """A TEXT or INTERLEAVED sample as its document with each image the mean of its unflipped version."""
+    if sample.kind == TEXT:
+        return [Text([sp.bos] + sample.tokens.tolist() + [sp.eos])]
+    return _interleaved(sample, sp, lambda i: torch.from_numpy(sample.mean[i, 0].astype(np.float32)))
+
+
+def first_fit_decreasing(docs: list[Document], seq_len: int, patches_per_image: int) -> list[list[Document]]:
+    """Rows of documents, longest first, each into the first row with room (fewer rows than in stream order)."""
+    order = sorted(range(len(docs)), key=lambda i: -document_length(docs[i], patches_per_image))
+    return greedy_rows([docs[i] for i in order], seq_len, patches_per_image)
+
+
+# ------------------------------------------------------------------------------------------- collation
+class PackCollate:
+    """litdata items -> one packed :class:`Batch` with ``meta["keys"]`` (the samples' keys, in stream order).
+
+    Its random choices come from a numpy Generator seeded by (seed, epoch, the batch's keys): workers and ranks
+    differ because their samples do, the same sample is drawn anew every epoch, and a run resumed from a
+    checkpoint builds exactly the batches the uninterrupted run built. ``epoch`` is set by the loader."""
+
+    def __init__(self, layout: Layout, seq_len: int, patch_size: int, patches_per_image: int):
+        self.layout, self.seq_len, self.patch_size = layout, seq_len, patch_size
+        self.patches_per_image = patches_per_image
+        self.epoch = 0
+
+    def __call__(self, items: list[dict]) -> Batch:
+        samples = [Sample.from_item(item) for item in items]
+        keys = [s.key for s in samples]
+        rng = np.random.default_rng([self.layout.seed, self.epoch, zlib.crc32("\n".join(keys).encode())])
+        docs = [document(s, rng, self.layout) for s in samples]
+        rows = first_fit_decreasing(docs, self.seq_len, self.patches_per_image)
+        batch = pack_rows(rows, self.seq_len, self.patch_size, self.layout.special)
+        batch.meta["keys"] = keys
+        return batch
+
+
+class _PackRows:
+    def __init__(self, seq_len: int, patch_size: int, special: SpecialIds):
+        self.seq_len, self.patch_size, self.special = seq_len, patch_size, special
+
+    def __call__(self, rows: list[list[Document]]) -> Batch:
+        return pack_rows(rows, self.seq_len, self.patch_size, self.special)
+
+
+class _PackPairs:
+    def __init__(self, patch_size: int, special: SpecialIds):
+        self.patch_size, self.special = patch_size, special
+
+    def __call__(self, pairs: list[tuple[Document, Document]]) -> CaptionPairs:
+        return pack_pairs(pairs, self.patch_size, self.special)
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _EpochAwareLoader(StreamingDataLoader):
+    """A StreamingDataLoader that tells its collate the epoch it is in, and whose checkpointed state is the
+    position after the last batch training took.
+
+    The epoch is set before each epoch's iterator (so before its workers start) and restored with the loader's
+    state on resume. The position: Lightning stores ``state_dict()`` in checkpoints, but when a loader has no
+    length (a weighted mix) it fetches one batch ahead, and litdata's own state would count that unused batch, so
+    a resumed run would skip it. Every batch therefore carries the loader's state after it
+    (``meta["stream_state"]``), and :meth:`PreparedDataModule.on_before_batch_transfer` hands that back when the
+    batch goes to training."""
+
+    _taken: dict | None = None
+
+    def _get_iterator(self):
+        self.collate_fn.collate_fn.epoch = self.current_epoch  # the loader wraps the collate it was given
+        return super()._get_iterator()
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            batch.meta["stream_state"] = StreamingDataLoader.state_dict(self)
+            yield batch
+
+    def taken(self, state: dict) -> None:
+        """Training took the batch whose ``meta["stream_state"]`` is ``state``."""
+        self._taken = state
+
+    def state_dict(self) -> dict:
+        return self._taken if self._taken is not None else super().state_dict()
+
+    def load_state_dict(self, obj: dict) -> None:
+        self._taken = None
+        super().load_state_dict(obj)
