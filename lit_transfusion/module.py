@@ -194,17 +194,19 @@ class TransfusionModule(L.LightningModule):
         noisy = self.diffusion.add_noise(latents, noise, t)
         out = self(batch, noisy, t)
         logits, targets = self.model.target_logits(out.hidden, batch.targets)  # [n_targets, V], [n_targets]
+        # A batch without text targets or without images still gives every parameter a (zero) gradient: DDP
+        # fails on parameters a step did not use, and a text-only batch is an ordinary event with mixed data.
         if targets.numel():
             loss_text = F.cross_entropy(logits, targets)
         else:
-            loss_text = out.hidden.sum() * 0.0
+            loss_text = self.model.logits(out.hidden[:, :1]).sum() * 0.0
         if batch.num_images:
             mse_per_image = (out.eps.float() - noise.float()).pow(2).flatten(1).mean(1)  # [N]
             loss_image = (weights * mse_per_image).mean()
             mse_image = mse_per_image.mean()
         else:
             mse_per_image = noise.new_zeros(0)
-            loss_image = mse_image = out.eps.sum() * 0.0
+            loss_image = mse_image = sum(p.sum() for p in self.model.patcher.parameters()) * 0.0
         loss = loss_text + self.hparams.image_loss_weight * loss_image
         return dict(loss=loss, loss_text=loss_text, loss_image=loss_image, mse_image=mse_image,
                     mse_per_image=mse_per_image)

@@ -256,3 +256,20 @@ def test_activation_checkpointing_changes_memory_not_results(monkeypatch):
     with torch.no_grad():
         fixed_losses(ckpt.eval(), batch, t)
     assert calls == []
+
+
+@pytest.mark.parametrize("patcher", ["linear", "unet"])
+def test_every_parameter_gets_a_gradient_from_text_only_and_image_only_batches(patcher):
+    """DDP refuses a step in which a parameter took no part; with mixed data a batch of text documents only (or
+    of image documents without a caption target) is an ordinary event. Every parameter must get a gradient,
+    and a zero one where the batch does not involve it."""
+    module = make_module(patcher=patcher)
+    text_only = pack_rows([[[Text([BOS, 7, 8, EOS])]]], 16, 2, SPECIAL)
+    image_only = pack_rows([[[Text([BOS], loss=False), Image(torch.randn(4, 4, 4))]]], 16, 2, SPECIAL)
+    for batch, unused in ((text_only, "patcher."), (image_only, "lm_head.")):
+        module.zero_grad(set_to_none=True)
+        module.losses(batch, generator=torch.Generator().manual_seed(0))["loss"].backward()
+        missing = [n for n, p in module.named_parameters() if p.grad is None]
+        assert not missing, missing
+        touched = [n for n, p in module.named_parameters() if n.startswith(f"model.{unused}") and p.grad.abs().sum()]
+        assert not touched, touched

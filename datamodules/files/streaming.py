@@ -13,6 +13,13 @@ into rows of ``seq_len`` (first-fit decreasing). Documents, as in ``ShapesDataMo
 Image latents are drawn from the stored posterior (mean + std * noise) of the image or of its stored horizontal
 flip. Validation reads each source's ``val`` split into memory: packed rows for the losses, and caption->image
 pairs with true and with shifted captions for ``val/cond_gap``.
+
+Resume: the training loader is stateful; Lightning keeps its position in checkpoints and ``fit(ckpt_path=...)``
+continues the stream after the last batch trained on, with the same shuffle and the same documents (caption,
+layout, flip and latent noise are seeded by (seed, epoch, the batch's sample keys)). This is exact with
+``num_workers=0`` or one training source. With several sources and worker processes litdata puts each source back
+as if every worker had drawn from it in turn, which it need not have: a few samples near the resume point may then
+be seen twice, or not at all, in that epoch.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -109,7 +117,7 @@ class PreparedDataModule(L.LightningDataModule):
             noise_limit=noise_limit, flip=flip and self._manifest.flip, sample_latents=sample_latents, seed=seed,
         )
         self.train_dataset = None
-        self._train_loader: _EpochAwareLoader | None = None
+        self._train_loader: _TrainLoader | None = None
         self._eval: dict[str, list[Sample]] = {}  # split -> its samples, source after source
         self._warned_no_val = False
 
@@ -255,9 +263,11 @@ class PreparedDataModule(L.LightningDataModule):
         if self.train_dataset is None:
             self.setup("fit")
         collate = PackCollate(self.layout, hp.seq_len, hp.patch_size, self.patches_per_image)
-        self._train_loader = _EpochAwareLoader(
+        # Workers start anew every epoch (not persistent): each gets the collate of its epoch. Epochs of streamed
+        # data are long, so the start-up is a small price.
+        self._train_loader = _TrainLoader(
             self.train_dataset, batch_size=hp.docs_per_batch or self.default_docs_per_batch(), collate_fn=collate,
-            num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0,
+            num_workers=hp.num_workers,
         )
         return self._train_loader
 
@@ -277,8 +287,8 @@ class PreparedDataModule(L.LightningDataModule):
                 warnings.warn(f"{str(self.root)!r} has no {split} split: no validation losses", stacklevel=2)
                 self._warned_no_val = True
             return []
-        docs = [document(s, np.random.default_rng([hp.seed, i]), self.layout, self.hparams.sample_latents)
-                for i, s in enumerate(samples)]
+        # The same layouts, flips and latent noise at every evaluation: sample i draws from (seed, i).
+        docs = [document(s, np.random.default_rng([hp.seed, i]), self.layout) for i, s in enumerate(samples)]
         rows = greedy_rows(docs, hp.seq_len, self.patches_per_image)
         sp = self._tokenizer.special
         loaders = [DataLoader(rows, batch_size=hp.batch_size, shuffle=False,
@@ -338,18 +348,22 @@ class PreparedDataModule(L.LightningDataModule):
 
     def heldout_captions(self, split: str, n: int) -> list[str]:
         """The decoded first caption of each sample of ``heldout_images(split, n)``."""
-        return [self._tokenizer.decode(s.texts()[0].tolist()) for s in self._pairs(split, n)]
+        return [self._tokenizer.decode(_first_caption(s)) for s in self._pairs(split, n)]
 
 
 # ------------------------------------------------------------------------------------------- documents
+@dataclass
 class Layout:
-    """What turning a stored sample into a training document needs (picklable: it travels to workers)."""
+    """What turning a stored sample into a training document needs (picklable: it travels to workers); the
+    fields are the PreparedDataModule arguments of the same names (``flip`` off when the data has no flips)."""
 
-    def __init__(self, special: SpecialIds, image_first_ratio: float, caption_dropout: float, noise_limit: int,
-                 flip: bool, sample_latents: bool, seed: int = 0):
-        self.special = special
-        self.image_first_ratio, self.caption_dropout, self.noise_limit = image_first_ratio, caption_dropout, noise_limit
-        self.flip, self.sample_latents, self.seed = flip, sample_latents, seed
+    special: SpecialIds
+    image_first_ratio: float
+    caption_dropout: float
+    noise_limit: int
+    flip: bool
+    sample_latents: bool
+    seed: int = 0
 
 
 def latent(sample: Sample, i: int, rng: np.random.Generator, flip: bool, noisy: bool) -> torch.Tensor:
@@ -404,8 +418,13 @@ def _interleaved(sample: Sample, sp: SpecialIds, image) -> Document:
 
 def caption_document(sample: Sample, sp: SpecialIds) -> Document:
     """``<bos>`` first caption, the unflipped clean image, ``<eos>`` (a PAIR sample)."""
-    ids = sample.texts()[0].tolist()
+    ids = _first_caption(sample)
     return [Text([sp.bos] + ids), Image(torch.from_numpy(sample.mean[0, 0].astype(np.float32))), Text([sp.eos])]
+
+
+def _first_caption(sample: Sample) -> list[int]:
+    captions = sample.texts()
+    return captions[0].tolist() if captions else []
 
 
 def clean_document(sample: Sample, sp: SpecialIds) -> Document:
@@ -466,8 +485,8 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-class _EpochAwareLoader(StreamingDataLoader):
-    """A StreamingDataLoader that tells its collate the epoch it is in, and whose checkpointed state is the
+class _TrainLoader(StreamingDataLoader):
+    """A StreamingDataLoader that tells its collate the epoch it is in, and whose checkpointed state is its
     position after the last batch training took.
 
     The epoch is set before each epoch's iterator (so before its workers start) and restored with the loader's
