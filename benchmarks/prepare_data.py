@@ -32,9 +32,15 @@ def cpu_class() -> str:
     return f"{os.cpu_count()} cores, {kind}"
 
 
+def endless(loader):
+    """Batches of ``loader``, epoch after epoch (a small prepared set ends its epoch within the measurement)."""
+    while True:
+        yield from loader
+
+
 def time_loader(loader, batches: int) -> float:
     """Milliseconds per batch over ``batches`` batches (after 5 warm-up batches)."""
-    it = iter(loader)
+    it = endless(loader)
     for _ in range(5):
         next(it)
     start = time.perf_counter()

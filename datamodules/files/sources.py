@@ -29,11 +29,12 @@ key hashes to (a line without a usable key, and a shard-level tar error, to "tra
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -235,6 +236,25 @@ def _interleaved_texts(texts: list) -> list[str | None]:
     return out
 
 
+def _interleaved_segments(texts: list, images: list, image: Callable[[str], ImageRef]) -> list:
+    """Parallel OBELICS lists -> segments in order: cleaned texts (empty ones dropped) and ``image(entry)``
+    for each image entry (which raises ``BadSample`` for a missing image)."""
+    segments: list = []
+    for t, im in zip(_interleaved_texts(texts), images, strict=True):
+        if im is not None:
+            segments.append(image(im))
+        elif t is not None:
+            segments.append(t)
+    return segments
+
+
+def _file_image(folder: str, name: str) -> ImageRef:
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise BadSample("missing_file", path)
+    return ImageRef(name=path, path=path)
+
+
 def _files(cfg: SourceConfig, path: str, suffixes: tuple[str, ...]) -> list[str]:
     """``path`` itself if a file, else the files in it (not recursive) with one of ``suffixes``, sorted."""
     if os.path.isfile(path):
@@ -363,17 +383,7 @@ def _scan_interleaved(cfg: SourceConfig, root: str, sp: _Splitter) -> list[Recor
                 texts, images = _interleaved_layout(doc)
                 if reason is not None:
                     raise BadSample(reason)
-                cleaned = _interleaved_texts(texts)
-                segments: list = []
-                for t, im in zip(cleaned, images, strict=True):
-                    if im is None:
-                        if t is not None:
-                            segments.append(t)
-                        continue
-                    path = os.path.join(folder, im)
-                    if not os.path.isfile(path):
-                        raise BadSample("missing_file", path)
-                    segments.append(ImageRef(name=path, path=path))
+                segments = _interleaved_segments(texts, images, functools.partial(_file_image, folder))
             except BadSample as e:
                 sp.skip(key, e.reason, e.detail if e.reason == "missing_file" else where)
                 continue
@@ -562,18 +572,14 @@ def _shard_sample(unit: ShardUnit, key: str, members: dict[str, bytes | None]) -
     meta = _json_member(members["json"] or b"") if "json" in members else None
     if meta is not None and ("texts" in meta or "images" in meta):
         texts, images = _interleaved_layout(meta)
-        cleaned = _interleaved_texts(texts)
-        segments: list = []
-        for t, im in zip(cleaned, images, strict=True):
-            if im is None:
-                if t is not None:
-                    segments.append(t)
-                continue
-            ext = im.lower()
+
+        def member(name: str) -> ImageRef:
+            ext = name.lower()
             if ext not in members:
-                raise BadSample("missing_file", f"{shard}:{key}.{im}")
-            segments.append(ImageRef(name=f"{shard}:{key}.{ext}", data=members[ext]))
-        return Record("interleaved", f"{shard}:{key}", segments)
+                raise BadSample("missing_file", f"{shard}:{key}.{name}")
+            return ImageRef(name=f"{shard}:{key}.{ext}", data=members[ext])
+
+        return Record("interleaved", f"{shard}:{key}", _interleaved_segments(texts, images, member))
     if "txt" in members:
         captions = [clean_caption(members["txt"] or b"")]
     elif meta is not None:
