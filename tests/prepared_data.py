@@ -108,7 +108,8 @@ def write_prepared(
             rel = f"{name}/{split}"
             write_split(root / rel, [s.to_item() for s in samples], chunk_bytes, optimize)
             info.splits[split] = SplitInfo(dir=rel, samples=n, images=sum(s.num_images for s in samples),
-                                           tokens=sum(len(s.tokens) for s in samples))
+                                           tokens=sum(len(s.tokens) for s in samples),
+                                           tokens_per_use=sum(_tokens_per_use(s) for s in samples))
         sources[name] = info
 
     manifest = Manifest(
@@ -185,3 +186,8 @@ def _sample(name: str, key: str, rng: np.random.Generator, tokenizer: TextTokeni
     mean, logvar = _latents(rng, n_images, flip)
     px = rng.integers(0, 256, (n_images, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8) if pixels else None
     return Sample(key=key, kind=code, tokens=tokens, segments=segments, mean=mean, logvar=logvar, pixels=px)
+
+
+def _tokens_per_use(sample: Sample) -> int:
+    """Text tokens one use of ``sample`` puts in a row (a PAIR sample: one of its captions, on average)."""
+    return round(len(sample.tokens) / len(sample.segments)) if sample.kind == PAIR else len(sample.tokens)

@@ -279,7 +279,7 @@ def test_default_docs_per_batch_fills_about_batch_size_rows(prepared):
     dm = PreparedDataModule(str(prepared), batch_size=4)
     dm.setup("fit")
     rows = [b.num_rows for b in dm.train_dataloader()][:-1]  # the last batch holds the rest
-    assert 2.5 <= np.mean(rows) <= 6
+    assert 3.5 <= np.mean(rows) <= 5, rows  # batch_size, or one more where a batch runs long
 
 
 # --------------------------------------------------------------------------------------- validation

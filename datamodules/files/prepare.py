@@ -34,6 +34,7 @@ from datamodules.files.schema import (
     INTERLEAVED,
     PAIR,
     TEXT,
+    FORMAT_VERSION,
     TOKENIZER,
     Manifest,
     Sample,
@@ -74,6 +75,7 @@ class Settings:
         d.pop("encode_batch")
         d["vae"] = _files_sha1(Path(self.vae_path), ("config.json", "*.safetensors", "*.bin"))
         d["tokenizer"] = _files_sha1(Path(self.tokenizer_file).parent, (Path(self.tokenizer_file).name,))
+        d["format"] = FORMAT_VERSION
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -112,7 +114,7 @@ class Encoder:
     def __call__(self, unit) -> Iterator[dict]:
         codec, tok = self._load()
         skips, notes = Skips(), Skips()
-        written = {"samples": 0, "images": 0, "tokens": 0}
+        written = {"samples": 0, "images": 0, "tokens": 0, "tokens_per_use": 0}
         pending: list[tuple[Record, list]] = []  # (record, its decoded pieces) waiting for one batched VAE call
         n_images = 0
         for record in unit.records(skips):
@@ -231,6 +233,7 @@ class Encoder:
                 written["samples"] += 1
                 written["images"] += k
                 written["tokens"] += int(tokens.size)
+                written["tokens_per_use"] += round(tokens.size / len(segments)) if kind == PAIR else int(tokens.size)
                 yield sample.to_item()
 
 
@@ -479,6 +482,7 @@ def _write_split(src: SourceConfig, split: str, out: Path, settings: Settings, d
         info.samples += line["samples"]
         info.images += line["images"]
         info.tokens += line["tokens"]
+        info.tokens_per_use += line["tokens_per_use"]
     shutil.rmtree(tally, ignore_errors=True)
     if info.samples:
         marker.write_text(json.dumps({"digest": digest, "source": source_key, "info": asdict(info),

@@ -31,7 +31,7 @@ KINDS = {"pair": PAIR, "interleaved": INTERLEAVED, "text": TEXT}
 IMAGE = -1  # a segment that is the next image (INTERLEAVED)
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -95,6 +95,9 @@ class SplitInfo:
     samples: int
     images: int
     tokens: int
+    # Text tokens one use of each sample puts in a row, summed (a PAIR sample stores several captions and uses
+    # one): what sizes a batch in documents. 0 in directories written before it was recorded.
+    tokens_per_use: int = 0
 
 
 @dataclass

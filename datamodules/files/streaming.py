@@ -244,9 +244,9 @@ class PreparedDataModule(L.LightningDataModule):
     def default_docs_per_batch(self) -> int:
         """About ``batch_size`` rows' worth of documents: batch_size * seq_len / (mean positions per document),
         the mean taken over the training sources in their mix (by sample count, or by weight) from the
-        manifest's counts: per sample, its text tokens + <bos> <eos> + (patches + 2) per image. A PAIR sample's
-        tokens count every alternative caption while a document holds one, so the estimate leans to fewer
-        documents, never to rows that overflow (packing adds rows rather than dropping a document)."""
+        manifest's counts: per sample, the text tokens one use of it holds (a PAIR sample: one of its captions)
+        + <bos> <eos> + (patches + 2) per image. Packing adds a row rather than drop a document, so a batch that
+        comes out longer than the mean has ``batch_size + 1`` rows."""
         hp = self.hparams
         mix = self.train_weights or {n: float(s.splits["train"].samples) for n, s in self._manifest.sources.items()
                                      if "train" in s.splits}
@@ -254,7 +254,8 @@ class PreparedDataModule(L.LightningDataModule):
         for name, w in mix.items():
             info = self._manifest.sources[name].splits["train"]
             n = max(info.samples, 1)
-            mean += w / total * (info.tokens / n + 2 + info.images / n * (self.patches_per_image + 2))
+            text = info.tokens_per_use or info.tokens  # older manifests: every caption counted (fewer documents)
+            mean += w / total * (text / n + 2 + info.images / n * (self.patches_per_image + 2))
         return max(1, round(hp.batch_size * hp.seq_len / max(mean, 1.0)))
 
     # -------------------------------------------------------------------------------------- dataloaders
