@@ -30,11 +30,11 @@ import numpy as np
 from datamodules.files.decode import BadSample, load_image
 from datamodules.files.records import ImageRef, Record, Skips
 from datamodules.files.schema import (
+    FORMAT_VERSION,
     IMAGE,
     INTERLEAVED,
     PAIR,
     TEXT,
-    FORMAT_VERSION,
     TOKENIZER,
     Manifest,
     Sample,
