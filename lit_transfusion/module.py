@@ -125,6 +125,7 @@ class TransfusionModule(L.LightningModule):
         self._cond_gap_sums: Tensor | None = None
         self._step_start = 0.0
         self._nonfinite_skipped = 0
+        self._positions_seen = 0  # sequence elements trained on (text tokens, <boi>/<eoi>, patches; no pads), all ranks
 
     def configure_model(self) -> None:
         """Shard (FSDP2 under Lightning's ``ModelParallelStrategy``: each block, then the rest as one unit) and
@@ -248,6 +249,15 @@ class TransfusionModule(L.LightningModule):
         seconds = time.perf_counter() - self._step_start
         tokens = int((batch.seq.doc_ids >= 0).sum()) * self.trainer.world_size  # real (non-pad) positions
         self.log("train/tokens_per_s", tokens / max(seconds, 1e-9), batch_size=1)
+        self._positions_seen += tokens
+        # D of the paper's 6·N·D compute count; float64 would be exact, the logger keeps float32 (7 digits)
+        self.log("train/positions_seen", float(self._positions_seen), batch_size=1)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["positions_seen"] = self._positions_seen
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._positions_seen = int(checkpoint.get("positions_seen", 0))
 
     # -------------------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
