@@ -5,6 +5,7 @@
     sample                            images, captions and mixed text from a checkpoint (``sample.py``)
     export                            a checkpoint -> safetensors + JSON that load without unpickling
     prepare                           a user's images, captions, documents and texts -> streamable training data
+    sweep                             a grid of fit runs (local, SLURM array) -> results.csv / results.md / curves
 
 Every command's options come from typed signatures (jsonargparse): ``<command> --help`` lists each one with its
 default. For the Transfusion commands the vocabulary size, special-token ids and latent shape are *linked* from
@@ -24,7 +25,8 @@ from lit_transfusion.hardware import resolve_precision
 # Shown under the Transfusion parser's --help (a single paragraph: the help formatter reflows it).
 COMMANDS = ("Other commands: 'vae fit|validate|test --config configs/shapes/vae.yaml' trains the image "
             "autoencoder; 'sample --help' generates from a checkpoint; 'export --help' writes its weights as "
-            "safetensors + JSON; 'prepare --help' turns your own data into training data.")
+            "safetensors + JSON; 'prepare --help' turns your own data into training data; 'sweep --config "
+            "configs/sweeps/<name>.yaml' runs a grid of fits and tabulates them.")
 
 # Commands that are not a Trainer loop: name -> "module:function" called with the remaining arguments. Data
 # preparation lives beside the datamodules it feeds, so it is named here rather than imported.
@@ -32,6 +34,7 @@ ENTRY_POINTS = {
     "sample": "lit_transfusion.sample:main",
     "export": "lit_transfusion.export:main",
     "prepare": "datamodules.files.prepare:main",
+    "sweep": "lit_transfusion.sweep:main",
 }
 
 

@@ -11,7 +11,8 @@ Rows are left-padded so every row's newest position is the last column; pads for
 (doc id -1), which the mask keeps invisible to real positions.
 
 Image generation (the paper's sec. 3): on ``<boi>``, N noise patches are appended and denoised with
-a fresh diffusers scheduler; each step runs ONLY the patch positions against the cached prefix (their
+a fresh diffusers scheduler (``Diffusion.sample``: the objective's); each step runs ONLY the patch positions
+against the cached prefix, all of them in one forward under the model's image-attention rule (their
 keys/values are not written: they change every step). After the last step the clean latent is run once at
 t = 0 and written to the cache, ``<eoi>`` is appended, and decoding continues in text mode.
 Guidance runs cond and uncond rows in one batch; the uncond row is ``<bos> <boi>``: the null caption, exactly
@@ -42,12 +43,15 @@ class SamplingConfig:
         temperature: 0 = greedy.
         top_k: keep the k most likely tokens (0 = all).
         top_p: nucleus mass (1 = all).
-        scheduler: the diffusers sampler: ddpm, ddim or dpm++ (DPM-Solver++ 2M).
+        scheduler: the diffusers sampler: ddpm, ddim or dpm++ (DPM-Solver++ 2M), in the model's prediction mode
+            (ε or v). A model trained with ``objective: flow`` is always sampled with diffusers'
+            FlowMatchEulerDiscreteScheduler (rectified-flow Euler, shift 1), whatever this says.
         steps: denoising steps (paper: 250 DDPM).
         guidance_scale: classifier-free guidance s (1 = no guidance, conditional only).
         guidance_interval: (lo, hi) training timesteps; guidance applies at the denoising steps with
-            lo <= t < hi and the conditional prediction alone elsewhere (Kynkäänniemi et al. 2024, "Applying
-            guidance in a limited interval"). Default (0, 1000): every step, the paper's sampler.
+            lo <= t < hi (flow: t = σ·T, on the same 0..1000 scale) and the conditional prediction alone
+            elsewhere (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval"). Default (0, 1000):
+            every step, the paper's sampler.
         seed: makes noise and token sampling reproducible.
     """
 
@@ -100,7 +104,7 @@ class TransfusionSampler:
 
     Args:
         model: a TransfusionModel (put in eval mode here).
-        diffusion: the training Diffusion (for its scheduler config).
+        diffusion: the training Diffusion (its objective picks the sampling scheduler and what the model predicts).
         special: special token ids.
     """
 
@@ -162,13 +166,14 @@ class TransfusionSampler:
             latents = state.latents
             t = torch.zeros(latents.shape[0], dtype=torch.long, device=self.device)
         n = new.tokens.shape[1]
+        rule = self.cfg.image_attention  # the mask the model was trained with
         if prefill or not self.use_cache:
             full = state.seq if prefill else state.seq.cat(new)
-            out = self.model(full, latents, t, dense_mask(full.doc_ids, full.image_ids))
+            out = self.model(full, latents, t, dense_mask(full.doc_ids, full.image_ids, image_attention=rule))
             hidden, kv = out.hidden[:, -n:], [(k[:, :, -n:], v[:, :, -n:]) for k, v in out.kv]
         else:
             keys = state.seq.cat(new)
-            mask = dense_mask(keys.doc_ids, keys.image_ids, new.doc_ids, new.image_ids)
+            mask = dense_mask(keys.doc_ids, keys.image_ids, new.doc_ids, new.image_ids, image_attention=rule)
             out = self.model(new, latents, t, mask, past=state.kv)
             hidden, kv = out.hidden, out.kv
         if append:
@@ -242,19 +247,27 @@ class TransfusionSampler:
         guided = len(states) > 1 and cfg.guidance_scale != 1
         run = _stack([cond, states[1]]) if guided else cond  # [2B rows] or [B rows]
         new = self._image_positions(run)
-        sched = self.diffusion.sampler(cfg.scheduler, cfg.steps)
-        x = torch.randn((B, *self.cfg.latent_shape), generator=gen, device=self.device) * sched.init_noise_sigma
-        t_prev = torch.zeros(run.latents.shape[0], dtype=torch.long, device=self.device)  # earlier images: clean
-        for step_t in sched.timesteps:
-            x_in = sched.scale_model_input(x, step_t)
+        n_prev = run.latents.shape[0]  # earlier images: clean, t = 0
+        T = self.diffusion.num_train_timesteps
+
+        def predict(x_in: Tensor, step_t: Tensor) -> Tensor:
+            """The (guided) model output at the scaled sample x_in [B, C, h, w] and the step's t (0-d, t units:
+            long for ε/v, σ·T float for flow, as training feeds it) -> [B, C, h, w]."""
             lat = torch.cat([run.latents, x_in, x_in] if guided else [run.latents, x_in])
-            t = torch.cat([t_prev, torch.full((lat.shape[0] - t_prev.shape[0],), int(step_t), device=self.device)])
-            eps = self._run(run, new, append=False, latents=lat, t=t)[1][t_prev.shape[0]:]  # [B or 2B, C, h, w]
-            if guided:
-                eps_c, eps_u = eps[:B], eps[B:]
-                lo, hi = cfg.guidance_interval
-                eps = eps_u + cfg.guidance_scale * (eps_c - eps_u) if lo <= int(step_t) < hi else eps_c
-            x = sched.step(eps, step_t, x, generator=gen).prev_sample
+            t_now = step_t.to(self.device).expand(lat.shape[0] - n_prev)
+            t = torch.cat([torch.zeros(n_prev, dtype=step_t.dtype, device=self.device), t_now])
+            out = self._run(run, new, append=False, latents=lat, t=t)[1][n_prev:]  # [B or 2B, C, h, w]
+            if not guided:
+                return out
+            # Guidance is linear in the output, so it means the same for ε, v and velocity.
+            out_c, out_u = out[:B], out[B:]
+            lo, hi = cfg.guidance_interval
+            # On training's 0..T-1 scale: flow's first step (σ = 1, t = T) is that scale's pure-noise end, so
+            # the default interval (0, T) guides every step for all objectives.
+            t_scale = min(float(step_t), T - 1)
+            return out_u + cfg.guidance_scale * (out_c - out_u) if lo <= t_scale < hi else out_c
+
+        x = self.diffusion.sample(predict, (B, *self.cfg.latent_shape), cfg.scheduler, cfg.steps, gen, self.device)
         # Write the clean image into the conditional sequence at t = 0 (its keys/values join the cache).
         new = self._image_positions(cond)
         cond.latents = torch.cat([cond.latents, x])

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lit_transfusion.attention import check_image_attention
 from lit_transfusion.batch import IGNORE, Seq
 from lit_transfusion.patching import LinearPatcher, UNetPatcher
 from lit_transfusion.transformer import KV, Transformer, TransformerConfig
@@ -40,6 +41,8 @@ class ModelConfig:
         patch_size: side of a square latent patch; divides h and w.
         patcher: "linear" or "unet".
         unet_channels: base conv width of the unet patcher.
+        image_attention: the mask among one image's patches, "bidirectional" (the paper) or "causal"
+            (``attention.py``); part of the network's definition, so training and generation share it.
         transformer: the backbone's config.
     """
 
@@ -48,6 +51,7 @@ class ModelConfig:
     patch_size: int = 2
     patcher: str = "linear"
     unet_channels: int = 64
+    image_attention: str = "bidirectional"
     transformer: TransformerConfig = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -58,19 +62,22 @@ class ModelConfig:
             )
         if self.patcher not in ("linear", "unet"):
             raise ValueError(f"patcher={self.patcher!r}: expected 'linear' or 'unet'")
+        check_image_attention(self.image_attention)
         if self.transformer is None:
             self.transformer = TransformerConfig()
 
     @classmethod
     def from_size(cls, size: str, *, vocab_size: int, latent_shape: tuple[int, int, int], **overrides) -> ModelConfig:
         """The config of a named size (``SIZES``). ``overrides`` are ModelConfig fields (patch_size, patcher,
-        unet_channels) or TransformerConfig fields (dim, n_layers, n_heads, max_seq_len, ...); None = keep."""
+        unet_channels, image_attention) or TransformerConfig fields (dim, n_layers, n_heads, max_seq_len, ...);
+        None = keep."""
         if size not in SIZES:
             raise ValueError(f"size={size!r} is not a known size: expected one of {', '.join(SIZES)}")
         overrides = {k: v for k, v in overrides.items() if v is not None}
         preset = dict(SIZES[size])
         own = {"unet_channels": preset.pop("unet_channels")}
-        own.update({k: overrides.pop(k) for k in ("patch_size", "patcher", "unet_channels") if k in overrides})
+        own.update({k: overrides.pop(k) for k in ("patch_size", "patcher", "unet_channels", "image_attention")
+                    if k in overrides})
         known = TransformerConfig.__dataclass_fields__
         unknown = sorted(set(overrides) - set(known))
         if unknown:
@@ -87,7 +94,7 @@ class ModelConfig:
 @dataclass
 class ModelOutput:
     hidden: Tensor  # [B, L, D] final-normed hidden states (feed to ``logits`` where a target exists)
-    eps: Tensor  # [N, C, h, w] predicted noise for every image
+    eps: Tensor  # [N, C, h, w] every image's prediction: noise ε, v or velocity (``Diffusion.objective``)
     kv: list[KV]  # per-layer (k, v) of the L positions, for a KV cache
 
 
@@ -153,7 +160,7 @@ class TransfusionModel(nn.Module):
             seq: the per-position fields, each [B, L]; positions with ``image_ids >= 0`` take the patch vectors
                 of ``latents`` instead of token embeddings.
             latents: [N, C, h, w] noised latents of the N images (clean latents with t=0 for context images).
-            t: [N] diffusion timestep of each image.
+            t: [N] diffusion timestep of each image in t units (0..T; long, or float: flow sampling's σ·T).
             mask: dense bool [B, 1, L, Lpast+L] or a flex BlockMask (``attention.py``).
             past: optional per-layer cached (k, v) of earlier positions.
         """

@@ -2,7 +2,10 @@
 
     loss = loss_text + λ · loss_image
     loss_text  = mean next-token cross-entropy over positions with a target (see ``batch.py``)
-    loss_image = mean over images of w(t) · the per-image mean squared error of the predicted noise
+    loss_image = mean over images of w(t) · the per-image mean squared error of the image prediction
+
+The image prediction is the ``objective``'s: the noise ε (the paper), v, or rectified flow's velocity
+(``diffusion.py``); ``mse_per_image`` (and so ``val/cond_gap``) measures it against that objective's target.
 
 Averaging the diffusion MSE per image first keeps λ meaning the same thing whatever the number of images
 (or patches) in a batch. w(t) = 1 is the paper's loss; ``snr_gamma`` switches on Min-SNR-γ weighting
@@ -45,6 +48,9 @@ class TransfusionModule(L.LightningModule):
         patcher: "linear" (t-embedding + linear) or "unet" (time-conditioned conv down/up blocks with skips).
         unet_channels: base width of the unet patcher (None: the size's, e.g. 64 for tiny, 1120 for the paper's
             sizes: a ~0.27B-parameter U-Net as in the paper).
+        image_attention: the mask among one image's patches. "bidirectional" (the paper): every patch sees all
+            patches of its image; "causal" (the paper's Table 5 ablation): a patch sees only the earlier patches
+            of its image, the causal mask everywhere. Training and generation use the same rule.
         image_loss_weight: λ in loss = loss_text + λ·loss_image (paper: 5).
         lr: peak learning rate. min_lr: final learning rate of the cosine decay. warmup_steps: linear warmup.
         weight_decay: AdamW decoupled weight decay, applied to matrices only (not norms/biases/vectors).
@@ -52,10 +58,17 @@ class TransfusionModule(L.LightningModule):
         attention: "auto" (flex attention on CUDA, SDPA with a dense bool mask elsewhere), "sdpa" or "flex".
         activation_checkpointing: recompute each block in backward to save memory.
         cond_gap_timesteps: timesteps at which ``val/cond_gap`` compares true against shuffled captions.
+        objective: what the image positions predict. "epsilon" (the paper): the noise ε of the DDPM cosine
+            schedule (T = 1000). "v_prediction": v = sqrt(ā_t)·ε - sqrt(1-ā_t)·x0 on the same schedule (the
+            ddpm / ddim / dpm++ samplers run in v mode). "flow": rectified flow, x_s = (1-s)·x0 + s·ε with
+            s = t/T (so the noise limit t_max=500 caps s at 0.5), predicting the velocity ε - x0, sampled with
+            diffusers' FlowMatchEulerDiscreteScheduler whatever the sampler's name. "flow" takes neither
+            ``snr_gamma`` nor ``timestep_sampling: importance`` (both are defined by the ε/v schedule).
         snr_gamma: None (the paper: plain noise MSE) or γ > 0 for Min-SNR-γ weighting, min(SNR_t, γ) / SNR_t
-            per image. It turns down nearly clean images (small t), whose noise MSE is large but says little
-            about the caption, so more of the image gradient goes to the noise levels where text decides the
-            picture (README: "How text conditioning takes hold").
+            per image (v_prediction: its v-form min(SNR_t, γ) / (SNR_t + 1) on the v-MSE, the same weighting).
+            It turns down nearly clean images (small t), whose noise MSE is large but says little about the caption,
+            so more of the image gradient goes to the noise levels where text decides the picture (README: "How
+            text conditioning takes hold").
         timestep_sampling: how training draws t. "uniform" (the paper): t ~ U{0..T-1} times the weight w(t).
             "importance" (needs ``snr_gamma``): t ∝ w(t) with a constant weight, the same expected loss without
             spending compute on images whose weight is near 0 (``Diffusion.importance_timesteps``).
@@ -82,6 +95,7 @@ class TransfusionModule(L.LightningModule):
         patch_size: PositiveInt = 2,
         patcher: Literal["linear", "unet"] = "linear",
         unet_channels: PositiveInt | None = None,
+        image_attention: Literal["bidirectional", "causal"] = "bidirectional",
         image_loss_weight: NonNegativeFloat = 5.0,
         lr: PositiveFloat = 3e-4,
         min_lr: NonNegativeFloat = 1.5e-5,
@@ -92,6 +106,7 @@ class TransfusionModule(L.LightningModule):
         attention: Literal["auto", "sdpa", "flex"] = "auto",
         activation_checkpointing: bool = False,
         cond_gap_timesteps: tuple[int, ...] = (250, 500, 750),
+        objective: Literal["epsilon", "v_prediction", "flow"] = "epsilon",
         snr_gamma: PositiveFloat | None = None,
         timestep_sampling: Literal["uniform", "importance"] = "uniform",
         seed: int = 0,
@@ -105,6 +120,13 @@ class TransfusionModule(L.LightningModule):
             raise ValueError(f"model.snr_gamma={snr_gamma}: γ must be > 0, or null for the paper's unweighted loss")
         if timestep_sampling not in ("uniform", "importance"):
             raise ValueError(f"model.timestep_sampling={timestep_sampling!r}: expected 'uniform' or 'importance'")
+        if objective not in ("epsilon", "v_prediction", "flow"):
+            raise ValueError(f"model.objective={objective!r}: expected 'epsilon', 'v_prediction' or 'flow'")
+        if objective == "flow" and (snr_gamma is not None or timestep_sampling == "importance"):
+            raise ValueError(f"model.objective='flow' with model.snr_gamma={snr_gamma} and model.timestep_sampling="
+                             f"{timestep_sampling!r}: Min-SNR-γ weighting and importance sampling are defined for the "
+                             "epsilon / v_prediction noise schedule; with flow set snr_gamma: null and "
+                             "timestep_sampling: uniform")
         if timestep_sampling == "importance" and snr_gamma is None:
             raise ValueError("model.timestep_sampling='importance' needs model.snr_gamma: it draws t in proportion "
                              "to the Min-SNR weight, and without weighting every t weighs the same")
@@ -113,7 +135,7 @@ class TransfusionModule(L.LightningModule):
             self.config = ModelConfig.from_size(
                 size, vocab_size=vocab_size, latent_shape=latent_shape, dim=dim, n_layers=n_layers, n_heads=n_heads,
                 max_seq_len=max_seq_len, activation_checkpointing=activation_checkpointing,
-                patch_size=patch_size, patcher=patcher, unet_channels=unet_channels,
+                patch_size=patch_size, patcher=patcher, unet_channels=unet_channels, image_attention=image_attention,
             )
         except ValueError as e:
             raise ValueError(f"model.init_args.{e}") from None
@@ -121,7 +143,7 @@ class TransfusionModule(L.LightningModule):
         with torch.device("meta") if empty_init else contextlib.nullcontext():
             self.model = TransfusionModel(self.config)
         with torch.device("cpu"):  # the noise schedule is a small table, never meta
-            self.diffusion = Diffusion()
+            self.diffusion = Diffusion(objective=objective)
         self._cond_gap_sums: Tensor | None = None
         self._step_start = 0.0
         self._nonfinite_skipped = 0
@@ -159,9 +181,10 @@ class TransfusionModule(L.LightningModule):
     def attention_mask(self, seq: Seq):
         """The hybrid mask of ``seq`` in the rendering the ``attention`` setting picks."""
         use_flex = self.hparams.attention == "flex" or (self.hparams.attention == "auto" and seq.tokens.is_cuda)
+        rule = self.config.image_attention
         if use_flex:
-            return block_mask(seq.doc_ids, seq.image_ids)
-        return dense_mask(seq.doc_ids, seq.image_ids)
+            return block_mask(seq.doc_ids, seq.image_ids, image_attention=rule)
+        return dense_mask(seq.doc_ids, seq.image_ids, image_attention=rule)
 
     def forward(self, batch: Batch, latents: Tensor, t: Tensor) -> ModelOutput:
         """The model over ``batch`` with its images given as ``latents`` [N, C, h, w] at timesteps ``t`` [N]."""
@@ -183,7 +206,7 @@ class TransfusionModule(L.LightningModule):
             timestep_sampling: "importance" draws the default t with ``Diffusion.importance_timesteps``.
         Returns:
             dict with ``loss``, ``loss_text``, ``loss_image`` (weighted as in ``loss``), ``mse_image``
-            (unweighted) and ``mse_per_image`` [N] (unweighted).
+            (unweighted) and ``mse_per_image`` [N] (unweighted), each MSE against the objective's target.
         """
         latents = batch.latents.to(self.dtype)
         if t is None and timestep_sampling == "importance":
@@ -193,6 +216,7 @@ class TransfusionModule(L.LightningModule):
             weights = self.diffusion.loss_weights(t, self.hparams.snr_gamma)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         noisy = self.diffusion.add_noise(latents, noise, t)
+        target = self.diffusion.target(latents, noise, t)  # ε, v or velocity: the objective's
         out = self(batch, noisy, t)
         logits, targets = self.model.target_logits(out.hidden, batch.targets)  # [n_targets, V], [n_targets]
         # A batch without text targets or without images still gives every parameter a (zero) gradient: DDP
@@ -202,7 +226,7 @@ class TransfusionModule(L.LightningModule):
         else:
             loss_text = self.model.logits(out.hidden[:, :1]).sum() * 0.0
         if batch.num_images:
-            mse_per_image = (out.eps.float() - noise.float()).pow(2).flatten(1).mean(1)  # [N]
+            mse_per_image = (out.eps.float() - target.float()).pow(2).flatten(1).mean(1)  # [N]
             loss_image = (weights * mse_per_image).mean()
             mse_image = mse_per_image.mean()
         else:

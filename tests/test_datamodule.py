@@ -115,3 +115,19 @@ def test_families_restrict_prompts_and_fail_clearly(tmp_path):
     assert {p.family for p in dm.samples["train"]} == {"colors"}
     # its own cache file: a run with all families never reads these latents
     assert "colors" in dm._cache_path("train", 24).name
+
+
+def test_model_and_data_seeds_may_differ_in_a_logged_run(dm, tmp_path):
+    """Both the module (its noise stream) and the datamodule (its world) take a ``seed``; a run that sets them
+    differently (a sweep over model seeds on one world) must start, with its hparams logged."""
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lit_transfusion.module import TransfusionModule
+
+    module = TransfusionModule(vocab_size=dm.vocab_size, special_ids=dm.special_ids, latent_shape=dm.latent_shape,
+                               size="nano", max_seq_len=128, seed=dm.hparams.seed + 1)
+    trainer = L.Trainer(max_steps=1, logger=TensorBoardLogger(str(tmp_path)), limit_val_batches=0,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 1

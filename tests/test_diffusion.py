@@ -1,9 +1,11 @@
+from __future__ import annotations
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from lit_transfusion.diffusion import SAMPLERS, Diffusion
+from lit_transfusion.diffusion import OBJECTIVES, SAMPLERS, Diffusion
 
 
 def test_add_noise_matches_diffusers_per_image():
@@ -29,9 +31,10 @@ def test_timesteps_respect_per_image_cap():
     assert t[0::2].max() > 900 and t[1::2].max() > 450  # covers the range
 
 
+@pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("name", SAMPLERS)
-def test_samplers_are_fresh_and_never_clip(name):
-    d = Diffusion()
+def test_samplers_are_fresh_and_never_clip(name, objective):
+    d = Diffusion(objective=objective)
     a, b = d.sampler(name, 20), d.sampler(name, 20)
     assert a is not b and len(a.timesteps) == 20
     assert not getattr(a.config, "clip_sample", False)
@@ -54,10 +57,12 @@ def test_min_snr_weights_match_diffusers_snr():
     assert torch.equal(d.loss_weights(t, None), torch.ones(8))  # the paper's plain MSE
 
 
-def test_importance_timesteps_keep_the_expected_min_snr_loss():
+@pytest.mark.parametrize("objective", ["epsilon", "v_prediction"])
+def test_importance_timesteps_keep_the_expected_min_snr_loss(objective):
     """Drawing t ∝ w(t) with a constant weight is an unbiased estimate of uniform t weighted by w(t), for
-    the full-range images and for noise-limited ones (which stay uniform, weighted by w(t))."""
-    d, gamma = Diffusion(), 1.0
+    the full-range images and for noise-limited ones (which stay uniform, weighted by w(t)); w is the
+    objective's Min-SNR weight (ε-form, or v-form for v-prediction)."""
+    d, gamma = Diffusion(objective=objective), 1.0
     f = torch.linspace(2.0, 0.1, 1000) ** 2  # any per-image loss as a function of t
     w = d.loss_weights(torch.arange(1000), gamma)
     for cap in (1000, 500):
@@ -71,4 +76,8 @@ def test_importance_timesteps_keep_the_expected_min_snr_loss():
     assert torch.allclose(weights, w.mean().expand_as(weights))  # one constant weight
     hist = torch.bincount(t // 100, minlength=10).float() / len(t)  # follows w: few nearly clean images
     torch.testing.assert_close(hist, w.view(10, 100).sum(1) / w.sum(), atol=0.005, rtol=0)
-    assert hist[0] < 0.01 and hist[-1] > 0.15
+    assert hist[0] < 0.01  # nearly clean images turned down
+    if objective == "epsilon":
+        assert hist[-1] > 0.15  # ε-form: the noisiest images keep weight 1
+    else:
+        assert hist[-1] < 0.01  # v-form: weight SNR/(SNR+1) -> 0 there (the v-MSE of pure noise is the x0-MSE)

@@ -1,6 +1,8 @@
 """Generation is exactly right: KV-cached == recomputed, guidance 1 == conditional, the t=0 image written
 into the cache == a full forward over the final sequence, and too-long prompts fail clearly."""
 
+from __future__ import annotations
+
 import pytest
 import torch
 
@@ -10,16 +12,25 @@ from lit_transfusion.module import TransfusionModule
 from tests.conftest import SPECIAL
 
 
-@pytest.fixture(scope="module")
-def module():
+def make_module(**settings) -> TransfusionModule:
     torch.manual_seed(0)
     m = TransfusionModule(vocab_size=40, special_ids=vars(SPECIAL), latent_shape=(4, 4, 4), size="nano",
-                          max_seq_len=96)
+                          max_seq_len=96, **settings)
     # Perturb the zero-initialized output heads so predicted noise is not trivially zero.
     with torch.no_grad():
         for p in m.model.patcher.proj_out.parameters():
             p.normal_(0, 0.05)
     return m.eval()
+
+
+@pytest.fixture(scope="module")
+def module():
+    return make_module()
+
+
+@pytest.fixture(scope="module")
+def flow_module():
+    return make_module(objective="flow", image_attention="causal")
 
 
 def samplers(module):
@@ -49,9 +60,11 @@ def test_left_padding_does_not_change_a_row(module):
     assert alone == batched
 
 
-@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm++"])
-def test_images_cached_equal_uncached_with_guidance(module, scheduler):
-    cached, full = samplers(module)
+@pytest.mark.parametrize(("objective", "scheduler"), [("epsilon", "ddpm"), ("epsilon", "ddim"), ("epsilon", "dpm++"),
+                                                      ("v_prediction", "dpm++"), ("flow", "ddpm")])
+def test_images_cached_equal_uncached_with_guidance(module, flow_module, objective, scheduler):
+    m = {"epsilon": module, "flow": flow_module}.get(objective) or make_module(objective=objective)
+    cached, full = samplers(m)
     cfg = SamplingConfig(scheduler=scheduler, steps=6, guidance_scale=3.0, seed=1)
     a = cached.generate_images([[7, 8], [9]], cfg)
     b = full.generate_images([[7, 8], [9]], cfg)
@@ -92,6 +105,22 @@ def test_guidance_interval_switches_guidance_per_step(module):
     assert (part - full).abs().max() > 0.05 and (part - cond_only).abs().max() > 0.05
     with pytest.raises(ValueError, match="guidance_interval"):
         SamplingConfig(guidance_interval=(500, 500))
+
+
+def test_flow_guidance_interval_uses_sigma_times_T(flow_module):
+    """Flow's steps are at t = σ·T (4 steps: 1000, 667, 334, 1). The default interval (0, 1000) guides every
+    step, the first (σ = 1, the pure-noise end of training's 0..T-1 scale) included; (0, 500) guides the last
+    two only, which is neither full guidance nor none."""
+    s = samplers(flow_module)[0]
+    base = dict(steps=4, guidance_scale=3.0, seed=2)
+    run = lambda **kw: s.generate_images([[7, 8]], SamplingConfig(**{**base, **kw}))  # noqa: E731
+    full = run()
+    torch.testing.assert_close(run(guidance_interval=(0, 5000)), full, rtol=0, atol=1e-6)
+    cond_only = run(guidance_scale=1.0)
+    part = run(guidance_interval=(0, 500))
+    assert (part - full).abs().max() > 0.05 and (part - cond_only).abs().max() > 0.05
+    torch.testing.assert_close(run(guidance_interval=(999, 5000)), run(guidance_interval=(668, 1000)), rtol=0,
+                               atol=1e-6)  # only the first step guided, either way
 
 
 def test_clean_image_written_to_cache_matches_full_forward(module):

@@ -4,8 +4,12 @@ document -- same positions, same ``<boi> patches <eoi>`` layout, the image at th
 
 tests/test_generation.py checks the sampler against itself (KV cache == recompute); these tests check it
 against training, so a layout or position error shared by both sampler paths is caught too. The model is a
-random nano model with random noise-output heads (a fresh one predicts zero noise, which hides image bugs).
+random nano model with random noise-output heads (a fresh one predicts zero noise, which hides image bugs),
+for each objective (ε, v, flow: the sampler feeds the model t on the scale training does) and for causal
+attention among an image's patches (the cached denoising forward must apply the training mask rule).
 """
+
+from __future__ import annotations
 
 from contextlib import contextmanager
 
@@ -23,13 +27,20 @@ BOS, EOS, BOI, EOI = SPECIAL.bos, SPECIAL.eos, SPECIAL.boi, SPECIAL.eoi
 P = 4  # patches per (4, 4, 4) latent with 2 x 2 patches
 CAPTIONS = [[7, 8, 9], [10]]  # ragged on purpose: the sampler left-pads the shorter row
 TOL = dict(rtol=1e-4, atol=1e-5)
+VARIANTS = {  # name -> TransfusionModule settings
+    "epsilon": dict(objective="epsilon"),
+    "v_prediction": dict(objective="v_prediction"),
+    "flow": dict(objective="flow"),
+    "causal_image": dict(image_attention="causal"),
+    "flow_causal_image": dict(objective="flow", image_attention="causal"),
+}
 
 
-@pytest.fixture
-def module() -> TransfusionModule:
+@pytest.fixture(params=list(VARIANTS))
+def module(request) -> TransfusionModule:
     torch.manual_seed(0)
     m = TransfusionModule(vocab_size=40, special_ids=vars(SPECIAL), latent_shape=(4, 4, 4), size="nano",
-                          max_seq_len=96)
+                          max_seq_len=96, **VARIANTS[request.param])
     return randomize_output_heads(m, seed=1, std=0.05).eval()
 
 
@@ -67,9 +78,10 @@ def null_doc(latent):
     return [Text([BOS], loss=False), Image(latent), Text([EOS])]
 
 
-def training_eps(module, prefixes, x, t: int) -> torch.Tensor:
-    """Noise predictions of a training forward: the conditional documents then the null-caption ones, all
-    packed into ONE row (as training packs), every image at latent ``x[k]`` and timestep ``t``. -> [2B, C, h, w]"""
+def training_eps(module, prefixes, x, t: float) -> torch.Tensor:
+    """Image predictions (ε, v or velocity) of a training forward: the conditional documents then the
+    null-caption ones, all packed into ONE row (as training packs), every image at latent ``x[k]`` and timestep
+    ``t`` (an int for ε/v, flow's σ·T float). -> [2B, C, h, w]"""
     docs = [cond_doc(p, x[k]) for k, p in enumerate(prefixes)] + [null_doc(x[k]) for k in range(len(prefixes))]
     b = pack_rows([docs], 64, 2, SPECIAL)
     with torch.no_grad():
@@ -78,13 +90,13 @@ def training_eps(module, prefixes, x, t: int) -> torch.Tensor:
 
 def reference_images(module, prefixes, cfg: SamplingConfig) -> torch.Tensor:
     """Classifier-free-guided sampling written from scratch on top of ``training_eps``: the same seeded
-    generator, the same fresh scheduler, eps = eps_u + s (eps_c - eps_u) at every step."""
+    generator, the same fresh scheduler (the objective's), eps = eps_u + s (eps_c - eps_u) at every step."""
     gen = torch.Generator().manual_seed(cfg.seed)
     sched = module.diffusion.sampler(cfg.scheduler, cfg.steps)
     B = len(prefixes)
     x = torch.randn((B, 4, 4, 4), generator=gen) * sched.init_noise_sigma
     for t in sched.timesteps:
-        eps = training_eps(module, prefixes, sched.scale_model_input(x, t), int(t))
+        eps = training_eps(module, prefixes, sched.scale_model_input(x, t), t.item())
         eps_c, eps_u = eps[:B], eps[B:]
         x = sched.step(eps_u + cfg.guidance_scale * (eps_c - eps_u), t, x, generator=gen).prev_sample
     return x

@@ -101,7 +101,9 @@ class PreparedDataModule(L.LightningDataModule):
         docs_per_batch: PositiveInt | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        # Not merged into the logger's hparams: the module has a `seed` too (its noise stream) and Lightning refuses
+        # equal keys with different values; the run's config.yaml records every data setting anyway.
+        self.save_hyperparameters(logger=False)
         self.root = Path(data_dir)
         try:
             self._manifest = Manifest.read(self.root)

@@ -89,7 +89,9 @@ class ShapesDataModule(L.LightningDataModule):
         families: tuple[str, ...] = FAMILIES,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        # Not merged into the logger's hparams: the module has a `seed` too (its noise stream) and Lightning refuses
+        # equal keys with different values; the run's config.yaml records every data setting anyway.
+        self.save_hyperparameters(logger=False)
         try:
             self.world = ShapesWorld(seed=seed, image_size=image_size, families=families)
         except ValueError as e:
