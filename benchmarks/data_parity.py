@@ -42,6 +42,36 @@ def fit(config: str, extra: list[str], out: Path, name: str, seed: int, args) ->
     return curve
 
 
+def run_parity(out: Path, steps: int, every: int, size: str = "nano", images: int = 20000,
+               shapes_seeds=(0, 1), prepared_seeds=(0, 1)) -> dict:
+    """Export + prepare once, then the runs; returns (and writes to ``out/parity.json``) the cond_gap curves."""
+    from datamodules.files.prepare import prepare
+    from datamodules.files.sources import SourceConfig
+    from datamodules.shapes.to_files import export_shapes
+
+    out.mkdir(parents=True, exist_ok=True)
+    files, prepared = out / "files", out / "prepared"
+    if not (files / "imagefolder").is_dir():
+        export_shapes(files, formats=("imagefolder",), num_train=images, num_val=256)
+    prepare([SourceConfig(name="images", kind="imagefolder", path=str(files / "imagefolder"))], str(prepared),
+            str(ROOT / "datamodules" / "shapes" / "pretrained_vae"), image_size=32, seq_len=128, patch_size=2,
+            bpe_vocab_size=512, flip=False, num_workers=2)
+    args = argparse.Namespace(steps=steps, every=every, size=size)
+    shapes = ["--data.init_args.text_ratio=0", f"--data.init_args.num_train={images}",
+              f"--data.init_args.data_dir={out / 'shapes-cache'}"]
+    files_args = [f"--data.init_args.data_dir={prepared}", "--data.init_args.weights=null",
+                  "--data.init_args.num_workers=0"]
+    results = {"steps": steps, "size": size, "images": images, "shapes": {}, "prepared": {}}
+    for seed in sorted(set(shapes_seeds) | set(prepared_seeds)):
+        if seed in shapes_seeds:
+            results["shapes"][seed] = fit("configs/shapes/tiny.yaml", shapes, out, f"shapes-s{seed}", seed, args)
+        if seed in prepared_seeds:
+            results["prepared"][seed] = fit("configs/imagefolder/fit.yaml", files_args, out, f"prepared-s{seed}",
+                                            seed, args)
+        (out / "parity.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=1500)
@@ -51,29 +81,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "parity")
     args = p.parse_args()
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
-    from datamodules.files.prepare import prepare
-    from datamodules.files.sources import SourceConfig
-    from datamodules.shapes.to_files import export_shapes
-
-    files, prepared = out / "files", out / "prepared"
-    if not (files / "imagefolder").is_dir():
-        export_shapes(files, formats=("imagefolder",), num_train=args.images, num_val=256)
-    prepare([SourceConfig(name="images", kind="imagefolder", path=str(files / "imagefolder"))], str(prepared),
-            str(ROOT / "datamodules" / "shapes" / "pretrained_vae"), image_size=32, seq_len=128, patch_size=2,
-            bpe_vocab_size=512, flip=False, num_workers=2)
-    shapes = ["--data.init_args.text_ratio=0", f"--data.init_args.num_train={args.images}",
-              f"--data.init_args.data_dir={out / 'shapes-cache'}"]
-    files_args = [f"--data.init_args.data_dir={prepared}", "--data.init_args.weights=null",
-                  "--data.init_args.num_workers=0"]
-    results = {"steps": args.steps, "size": args.size, "images": args.images, "shapes": {}, "prepared": {}}
-    for seed in args.seeds:
-        results["shapes"][seed] = fit("configs/shapes/tiny.yaml", shapes, out, f"shapes-s{seed}", seed, args)
-        results["prepared"][seed] = fit("configs/imagefolder/fit.yaml", files_args, out, f"prepared-s{seed}",
-                                        seed, args)
-        (out / "parity.json").write_text(json.dumps(results, indent=1))
+    results = run_parity(args.out.resolve(), args.steps, args.every, args.size, args.images, args.seeds, args.seeds)
     print(json.dumps(results, indent=1))
 
 

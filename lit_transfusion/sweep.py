@@ -56,7 +56,7 @@ import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -479,13 +479,39 @@ def run_local(sweep: Sweep, runs: list[Run], out: str | Path, parallel: int) -> 
               + (why if done["status"] == "failed" else ""), flush=True)
         return done
 
-    # Runs go one at a time until one has finished: datamodules write shared caches (rendered data, tokenizers)
-    # on first use, and two runs writing the same cache file at once could read each other's half-written file.
-    done: list[dict] = []
-    while todo and (parallel == 1 or not any(d["status"] == "finished" for d in done)):
-        done.append(one(todo.pop(0)))
+    warm = {_data_key(r) for r in runs if r not in todo}
+    records = _schedule(todo, parallel, one, warm)
+    return sorted(records, key=lambda d: d["index"])
+
+
+def _data_key(run: Run) -> str:
+    """What a datamodule's caches depend on among a run's own settings: its seed and its data.* keys."""
+    data = sorted((k, v) for k, v in run.settings.items() if k.startswith("data."))
+    return json.dumps([run.seed, data], default=str)
+
+
+def _schedule(todo: list[Run], parallel: int, one, warm: set[str]) -> list[dict]:
+    """Run ``one(run)`` for each run, up to ``parallel`` at once, in order, except that a run whose data
+    settings (:func:`_data_key`) no run has finished with yet starts only when nothing else runs: datamodules
+    write their caches (rendered data, tokenizers) on first use, and two runs writing one cache file at once
+    could read each other's half-written file. Later runs that are ready may start ahead of a waiting one."""
+    warm = set(warm)  # data keys some run has finished with
+    records: list[dict] = []
+    todo = list(todo)
     with ThreadPoolExecutor(parallel) as pool:
-        return done + list(pool.map(one, todo))
+        running: dict = {}
+        while todo or running:
+            for run in list(todo):
+                if len(running) < parallel and (not running or _data_key(run) in warm):
+                    running[pool.submit(one, run)] = run
+                    todo.remove(run)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run = running.pop(future)
+                records.append({**future.result(), "index": run.index})
+                if records[-1]["status"] == "finished":
+                    warm.add(_data_key(run))
+    return records
 
 
 # ----------------------------------------------------------------------------------------------- SLURM
