@@ -12,7 +12,7 @@ A sweep file (YAML) says what to run::
 
     name: table6_patch_size             # results go to <out>/<name>/ (--out, default runs/sweeps)
     base: configs/shapes/tiny.yaml      # or a list, applied in order like repeated --config
-    overrides: {trainer.max_steps: 600} # dotted LightningCLI keys, for every run
+    overrides: {trainer.max_steps: 600} # dotted LightningCLI keys, for every run (a variant or grid may refine one)
     grid:                               # cartesian product: dotted key -> list of values
       model.init_args.patch_size: [1, 2, 4]
     variants:                           # named sets of overrides (ablations touching several keys)
@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -67,7 +68,7 @@ LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 SECTIONS = ("name", "base", "overrides", "grid", "variants", "seeds", "metrics", "parallel", "slurm")
 SLURM_KEYS = ("partition", "time", "gpus", "cpus", "mem_gb", "account", "qos", "setup", "additional")
 # Set by the runner for every run: a sweep that sets them itself would be silently overridden.
-PINNED = ("seed_everything", "model.init_args.seed", "data.init_args.seed", "trainer.logger", "ckpt_path", "config")
+PINNED = ("seed_everything", "model.init_args.seed", "trainer.logger", "ckpt_path", "config")
 SAFE = re.compile(r"[^A-Za-z0-9._=+,-]")  # characters kept in a run id (it is a directory name)
 
 
@@ -89,8 +90,6 @@ class Sweep:
     metrics: list[str]
     parallel: int = 1
     slurm: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # Where a run's seed goes; :func:`validate` adds data.init_args.seed when the datamodule takes one.
-    seed_keys: list[str] = dataclasses.field(default_factory=lambda: ["seed_everything", "model.init_args.seed"])
 
 
 @dataclasses.dataclass
@@ -134,7 +133,7 @@ def load_sweep(path: str | Path) -> Sweep:
     variants = _variants(raw, fail)
     if not grid and not variants:
         raise fail("grid", "a sweep needs a grid or variants")
-    _check_overlaps(overrides, grid, variants, fail)
+    _check_overlaps(grid, variants, fail)
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise fail("seeds", f"a non-empty list of integers, got {seeds!r}")
@@ -203,16 +202,13 @@ def _variants(raw: dict, fail) -> list[dict[str, Any]]:
     return out
 
 
-def _check_overlaps(overrides: dict, grid: dict, variants: list[dict], fail) -> None:
-    """A key set by two sections would leave the outcome to argument order: refuse it."""
-    for key in grid:
-        if key in overrides:
-            raise fail(f"grid: {key}", "also set in overrides")
+def _check_overlaps(grid: dict, variants: list[dict], fail) -> None:
+    """A key in both the grid and a variant would leave the outcome to argument order: refuse it. (Either may
+    refine an override: overrides come first.)"""
     for variant in variants:
         for key in variant:
-            if key != "name" and (key in grid or key in overrides):
-                raise fail(f"variants[{variant['name']}]: {key}", "also set in " + ("grid" if key in grid else
-                                                                                    "overrides"))
+            if key != "name" and key in grid:
+                raise fail(f"variants[{variant['name']}]: {key}", "also in the grid")
 
 
 # ----------------------------------------------------------------------------------------------- runs
@@ -294,26 +290,29 @@ def _pinned_args(sweep: Sweep, run: Run, out: str | Path) -> list[str]:
     # save_dir/name/version = <out>/<name>/runs/<run_id>: the run directory never depends on what exists.
     logger = {"class_path": LOGGER, "init_args": {"save_dir": str(sweep_dir(out, sweep)), "name": "runs",
                                                   "version": run.run_id}}
-    return [*(f"--{key}={run.seed}" for key in sweep.seed_keys),
+    return [f"--seed_everything={run.seed}", f"--model.init_args.seed={run.seed}",
             f"--trainer.logger={json.dumps(logger)}", f"--trainer.callbacks+={FLOPS_CALLBACK}"]
 
 
 # ----------------------------------------------------------------------------------------------- checking
 def validate(sweep: Sweep, runs: list[Run], out: str | Path) -> None:
-    """Parse every run's full argument list with the Transfusion parser (nothing is built); on an error,
-    find the setting that causes it and name it. Also refuse a run directory made with other settings."""
+    """Parse the runs' full argument lists with the Transfusion parser (nothing is built); on an error, find
+    the setting that causes it and name it. Runs that differ only in their seed parse alike, so each variant
+    (grid point) is parsed once, with its first seed. Also refuse a run directory made with other settings."""
     from argparse import ArgumentError
 
     parser = _parser()
     parse = lambda args: _parse_error(parser, args, ArgumentError)
     base = ["fit", *[a for c in sweep.base for a in ("--config", c)]]
-    _find_seed_keys(sweep, parser, base + [f"--{k}={cli_value(v)}" for k, v in sweep.overrides.items()])
     pinned = _pinned_args(sweep, Run(0, "check", "check", {}, {}, 0), out)
-    if error := parse(base + pinned):
-        raise SweepError(f"{sweep.file}: base: {error}")
+    firsts: dict[str, Run] = {}
     for run in runs:
+        firsts.setdefault(run.variant, run)
+    for run in firsts.values():
         if not (error := parse(fit_args(sweep, run, out))):
             continue
+        if base_error := parse(base + pinned):
+            raise SweepError(f"{sweep.file}: base: {base_error}")
         settings = [("overrides", k, v) for k, v in sweep.overrides.items()]
         settings += [(run.sources[k], k, v) for k, v in run.settings.items()]
         for section, key, value in settings:
@@ -324,25 +323,10 @@ def validate(sweep: Sweep, runs: list[Run], out: str | Path) -> None:
         _check_same_settings(sweep, run, out)
 
 
-def _find_seed_keys(sweep: Sweep, parser, args: list[str]) -> None:
-    """Give the run's seed to the datamodule too when it takes one. Lightning refuses to log a module and a
-    datamodule whose hyperparameters share a key with different values (both have ``seed``), and a seed that
-    also redraws the data gives the fuller spread between seeds."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            data = parser.parse_args(args).fit.data
-        except Exception:  # reported with its key by the checks that follow
-            return
-    takes_seed = data is not None and "seed" in (getattr(data, "init_args", None) or {})
-    if takes_seed and "data.init_args.seed" not in sweep.seed_keys:
-        sweep.seed_keys.append("data.init_args.seed")
-
-
+@functools.lru_cache(maxsize=1)
 def _parser():
-    """The Transfusion CLI's parser (subcommands, links), built without parsing or instantiating anything."""
+    """The Transfusion CLI's parser (subcommands, links), built without parsing or instantiating anything;
+    built once per process (parsing leaves it as it was)."""
     from lit_transfusion.cli import TransfusionCLI, build_cli
 
     class _Parser(Exception):
@@ -462,12 +446,12 @@ def _execute(command: list[str], cwd: Path, env: dict, directory: Path, start: f
 def run_local(sweep: Sweep, runs: list[Run], out: str | Path, parallel: int) -> list[dict]:
     """Run ``runs`` here, ``parallel`` at a time with cores // parallel threads each; returns their records."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cores // parallel)
     todo = [r for r in runs if not is_finished(run_dir(out, sweep, r))]
+    threads = max(1, cores // max(1, min(parallel, len(todo))))  # one run left (--only i): all the cores
     for run in runs:
         if run not in todo:
             print(f"[{run.index}] {run.run_id}: finished before, skipped", flush=True)
-    print(f"{len(todo)} of {len(runs)} runs to go, {min(parallel, max(len(todo), 1))} at a time, "
+    print(f"{len(todo)} of {len(runs)} runs to go, {max(1, min(parallel, len(todo)))} at a time, "
           f"{threads} threads each", flush=True)
 
     def one(run: Run) -> dict:
@@ -485,16 +469,17 @@ def run_local(sweep: Sweep, runs: list[Run], out: str | Path, parallel: int) -> 
 
 
 def _data_key(run: Run) -> str:
-    """What a datamodule's caches depend on among a run's own settings: its seed and its data.* keys."""
-    data = sorted((k, v) for k, v in run.settings.items() if k.startswith("data."))
-    return json.dumps([run.seed, data], default=str)
+    """What a datamodule's caches depend on among a run's own settings: its data.* keys (the run's seed goes to
+    the trainer and the model, not to the data)."""
+    return json.dumps(sorted((k, v) for k, v in run.settings.items() if k.startswith("data.")), default=str)
 
 
 def _schedule(todo: list[Run], parallel: int, one, warm: set[str]) -> list[dict]:
     """Run ``one(run)`` for each run, up to ``parallel`` at once, in order, except that a run whose data
-    settings (:func:`_data_key`) no run has finished with yet starts only when nothing else runs: datamodules
-    write their caches (rendered data, tokenizers) on first use, and two runs writing one cache file at once
-    could read each other's half-written file. Later runs that are ready may start ahead of a waiting one."""
+    settings (:func:`_data_key`) no run has finished with yet starts only when no other run is running:
+    datamodules write their caches (rendered data, tokenizers) on first use, and two runs writing one cache file
+    at once could read each other's half-written file. Runs whose data is ready may join it, and start ahead of
+    a run that waits."""
     warm = set(warm)  # data keys some run has finished with
     records: list[dict] = []
     todo = list(todo)
@@ -599,8 +584,11 @@ def write_sbatch(sweep: Sweep, runs: list[Run], out: str | Path, options: dict[s
 
 # ----------------------------------------------------------------------------------------------- command
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lit_transfusion sweep", description=__doc__.split("\n\n")[0],
-                                epilog="The sweep file format: see lit_transfusion/sweep.py or the README.")
+    # The usage lines and the sweep file format, as the module docstring writes them.
+    description = "\n\n".join(__doc__.split("\n\n")[:4]).replace("``", "").replace("::", ":")
+    p = argparse.ArgumentParser(prog="python -m lit_transfusion sweep", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="More (run directories, resuming, SLURM): lit_transfusion/sweep.py.")
     p.add_argument("--config", help="the sweep file (YAML)")
     p.add_argument("--out", default="runs/sweeps", help="results go to <out>/<name>/ (default: runs/sweeps)")
     p.add_argument("--parallel", type=int, help="local runs at a time (default: the file's parallel, else 1)")
@@ -630,6 +618,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.collect:
             from lit_transfusion.sweep_results import collect
 
+            if not (Path(args.collect) / "runs").is_dir():
+                raise SweepError(f"{args.collect}: not a sweep directory (no runs/ in it)")
             collect(args.collect, verbose=True)
             return
         if not args.config:

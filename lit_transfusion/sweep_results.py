@@ -74,10 +74,7 @@ def histories(directory: Path, scalars: dict | None = None) -> dict[str, dict[in
 
 def final_metrics(directory: Path) -> dict[str, float]:
     """The last value of every val/ metric: metrics.json's latest entry, completed from the history."""
-    final = {k: v[max(v)] for k, v in histories(directory).items() if v}
-    latest = _json(directory / "metrics.json").get("latest", {})
-    final.update({k: float(v) for k, v in latest.items() if k.startswith("val/") and isinstance(v, (int, float))})
-    return final
+    return read_run(directory)["final"]
 
 
 def read_run(directory: Path) -> dict[str, Any]:
@@ -97,9 +94,8 @@ def read_run(directory: Path) -> dict[str, Any]:
     else:
         status = "interrupted" if (directory / "checkpoints" / "last.ckpt").is_file() else "pending"
     finals = {k: v[max(v)] for k, v in history.items() if v}
-    finals.update(done.get("final") or {})
     finals.update({k: float(v) for k, v in _json(directory / "metrics.json").get("latest", {}).items()
-                   if k.startswith("val/") and isinstance(v, (int, float))})
+                   if k.startswith("val/") and isinstance(v, (int, float))})  # exact, where it has them
     best = {k: (max if higher_is_better(k) else min)(v.values()) for k, v in history.items() if v}
     return {
         "dir": directory, "run_id": info.get("run_id", directory.name), "variant": info.get("variant", directory.name),

@@ -519,18 +519,24 @@ def report(manifest: Manifest, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-    """Command line: ``prepare --config prepare.yaml`` (every argument of :func:`prepare` as a key)."""
-    from argparse import ArgumentError
-
+def prepare_parser():
+    """The command's parser: every argument of :func:`prepare`, from ``--config`` YAML and/or flags."""
     from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from lit_transfusion.cli import _one_line
 
     parser = ArgumentParser(prog="python -m lit_transfusion prepare", exit_on_error=False,
                             description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(prepare)
+    return parser
+
+
+def main(argv: list[str]) -> None:
+    """Command line: ``prepare --config prepare.yaml`` (every argument of :func:`prepare` as a key)."""
+    from argparse import ArgumentError
+
+    from lit_transfusion.cli import _one_line
+
+    parser = prepare_parser()
     try:
         ns = parser.parse_args(argv)
     except ArgumentError as e:
