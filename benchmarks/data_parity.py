@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +33,7 @@ def fit(config: str, extra: list[str], out: Path, name: str, seed: int, args) ->
            "--trainer.max_time=null", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
            "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={out}",
            f"--trainer.logger.init_args.name={name}", "--data.init_args.batch_size=16"]
+    shutil.rmtree(out / name, ignore_errors=True)  # a stale run would take version_0
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
     if proc.returncode:
