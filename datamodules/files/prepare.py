@@ -14,6 +14,7 @@ error naming it. A rerun skips every (source, split) already written with the sa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -100,7 +101,8 @@ class Encoder:
             from lit_transfusion.tokenizer import TextTokenizer
             from lit_transfusion.vae import LatentCodec
 
-            torch.set_num_threads(self.s.threads)
+            if self.s.threads:  # 0: in the calling process, whose thread count stays as it is
+                torch.set_num_threads(self.s.threads)
             self._codec = LatentCodec.from_dir(self.s.vae_path)
             self._tokenizer = TextTokenizer.from_file(self.s.tokenizer_file)
             self._tally_file = Path(self.tally_dir) / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
@@ -466,9 +468,14 @@ def _write_split(src: SourceConfig, split: str, out: Path, settings: Settings, d
     print(f"{rel}: {len(units)} work units, {num_workers} worker(s)")
     workers = max(1, min(num_workers, len(units)))
     try:
-        litdata.optimize(fn=Encoder(settings, split, str(tally)), inputs=units, output_dir=str(target),
-                         num_workers=workers, chunk_bytes=chunk_bytes, mode="overwrite",
-                         start_method="fork" if sys.platform != "win32" else None, verbose=True)
+        if workers == 1:  # in this process: litdata's writer without a worker's start-up (torch import, VAE load)
+            _write_here(Encoder(dataclasses.replace(settings, threads=0), split, str(tally)), units, target,
+                        chunk_bytes)
+        else:
+            litdata.optimize(fn=Encoder(settings, split, str(tally)), inputs=units, output_dir=str(target),
+                             num_workers=workers, chunk_bytes=chunk_bytes, mode="overwrite",
+                             # spawn, never fork: a fork of a process whose torch/OpenMP threads have run can hang
+                             start_method="spawn", verbose=True)
     except Exception as e:
         if _tally_samples(tally) == 0:  # litdata refuses to finish a dataset with no item
             pass
@@ -488,6 +495,21 @@ def _write_split(src: SourceConfig, split: str, out: Path, settings: Settings, d
         marker.write_text(json.dumps({"digest": digest, "source": source_key, "info": asdict(info),
                                       "skips": skips.to_dict(), "notes": notes.to_dict()}, indent=1))
     return info, skips, notes
+
+
+def _write_here(encoder: Encoder, units: list, target: Path, chunk_bytes: str) -> None:
+    """What ``litdata.optimize`` does with one worker, in this process: the same ``BinaryWriter`` and files."""
+    from litdata.streaming.writer import BinaryWriter
+    from tqdm.auto import tqdm
+
+    writer = BinaryWriter(str(target), chunk_bytes=chunk_bytes)
+    index = 0
+    for unit in tqdm(units, desc=str(target), unit="unit"):
+        for item in encoder(unit):
+            writer[index] = item
+            index += 1
+    writer.done()
+    writer.merge()
 
 
 def _tally_lines(tally: Path) -> list[dict]:
