@@ -139,8 +139,7 @@ def test_bad_data_counted_exactly_and_training_never_sees_it(tmp_path):
         SourceConfig(name="corpus", kind="text", path=str(tmp_path / "corpus")),
     ]
     out = tmp_path / "prepared"
-    # two workers: the shards (one work unit each) go through litdata.optimize's processes, the rest in-process
-    manifest = prepare(sources, str(out), VAE, flip=False, num_workers=2, **SIZES)
+    manifest = prepare(sources, str(out), VAE, flip=False, num_workers=1, **SIZES)
     for name, want in expected.items():
         info = manifest.sources[name]
         want = dict(want)
@@ -189,7 +188,7 @@ def test_export_prepare_fit_sample_through_the_cli(tmp_path):
     if any("{000000..000003}" in s["path"] for s in config["sources"]):
         for s in config["sources"]:
             s["path"] = s["path"].replace("{000000..000003}", "000000")
-    config.update(out_dir=str(tmp_path / "prepared"), num_workers=2)  # litdata.optimize's worker processes
+    config.update(out_dir=str(tmp_path / "prepared"), num_workers=1)
     proc = run_cli("prepare", "--config", str(_write_yaml(tmp_path / "prepare.yaml", config)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipped" not in proc.stdout.split("prepared in")[-1]  # the export has no bad sample
