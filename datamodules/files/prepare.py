@@ -508,6 +508,8 @@ def _write_here(encoder: Encoder, units: list, target: Path, chunk_bytes: str) -
         for item in encoder(unit):
             writer[index] = item
             index += 1
+    if index == 0:  # every sample skipped: no dataset (merge would wait for an index that never comes)
+        return
     writer.done()
     writer.merge()
 
