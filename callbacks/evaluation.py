@@ -33,9 +33,10 @@ from callbacks.fid import FEATURES, make_fid
 from callbacks.perplexity import perplexity
 from datamodules.shapes.scoring import caption_attributes_correct, geneval_scores
 from datamodules.shapes.world import FAMILIES, Item, Prompt, caption, render
-from lit_transfusion.batch import Image, SpecialIds, Text, greedy_rows, pack_rows
+from lit_transfusion.batch import SpecialIds, Text, greedy_rows, pack_rows
 from lit_transfusion.generation import SamplingConfig, TransfusionSampler
 from lit_transfusion.vae import LatentCodec
+from lit_transfusion.vq import CodeCodec
 
 # One fixed prompt per task family for the grid (rows in this order).
 GRID_PROMPTS: tuple[Prompt, ...] = (
@@ -91,12 +92,14 @@ class ShapesEvaluation(EvaluationCallback):
         self.images_per_prompt, self.grid_images, self.fid_real = images_per_prompt, grid_images, fid_real
         self.num_captions, self.ppl_documents = num_captions, ppl_documents
         self.fid_feature, self.inception_weights = fid_feature, inception_weights
-        self._codec: LatentCodec | None = None
+        self._codec: LatentCodec | CodeCodec | None = None
         self._fid = None
         self._fid_split: str | None = None
 
     def check_datamodule(self, dm) -> None:
-        if not all(hasattr(dm, a) for a in ("world", "scenes", "samples", "latents", "caption_ids", "text_document")):
+        needed = ("world", "scenes", "samples", "latents", "caption_ids", "text_document", "image_codec",
+                  "image_segment")
+        if not all(hasattr(dm, a) for a in needed):
             raise TypeError(f"ShapesEvaluation needs a ShapesDataModule (datamodules.shapes), got {type(dm).__name__}")
 
     @torch.no_grad()
@@ -106,9 +109,9 @@ class ShapesEvaluation(EvaluationCallback):
         device = pl_module.device
         special = SpecialIds(**dm.special_ids)
         tok = dm.tokenizer
-        sampler = TransfusionSampler(pl_module.model, pl_module.diffusion, special)
+        sampler = pl_module.sampler(special)  # diffusion for Transfusion, code decoding for the token baseline
         if self._codec is None:
-            self._codec = LatentCodec.from_dir(dm.hparams.vae_path)
+            self._codec = dm.image_codec()  # the VAE, or the VQ tokenizer of image_tokens: codes
         codec = self._codec.to(device)
         out: dict[str, float] = {}
 
@@ -117,7 +120,7 @@ class ShapesEvaluation(EvaluationCallback):
         rng = np.random.default_rng([self.sampling.seed, 5])
         text_docs = [dm.text_document(split, i) for i in range(n_docs)]
         n_img = min(n_docs, len(dm.samples[split]))
-        caption_docs = [[Text([special.bos] + dm.caption_ids(split, i, rng)), Image(dm.latents[split][i]),
+        caption_docs = [[Text([special.bos] + dm.caption_ids(split, i, rng)), dm.image_segment(dm.latents[split][i]),
                          Text([special.eos])] for i in range(n_img)]
         for name, docs in (("ppl_text", text_docs), ("ppl_caption", caption_docs)):
             rows = greedy_rows(docs, dm.hparams.seq_len, dm.patches_per_image)
@@ -163,7 +166,7 @@ class ShapesEvaluation(EvaluationCallback):
         self._log_grid(grid_images, grid_texts, captions[:4], log_dir, step, logger, stage)
         return out
 
-    def _generate(self, sampler: TransfusionSampler, codec: LatentCodec, ids: list[list[int]]) -> torch.Tensor:
+    def _generate(self, sampler: TransfusionSampler, codec, ids: list[list[int]]) -> torch.Tensor:
         return generate_uint8(sampler, codec, ids, self.sampling)  # uint8 [N, 3, H, W]
 
     def _log_grid(self, images, prompts, captions, log_dir, step, logger, stage) -> None:

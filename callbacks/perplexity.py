@@ -17,7 +17,7 @@ def perplexity(module, batches: list[Batch]) -> float:
     """exp(mean next-token cross-entropy) over every target position of ``batches``.
 
     Args:
-        module: a ``TransfusionModule`` (called on each batch with its images clean, t = 0).
+        module: a ``TransfusionModule`` (called on each batch with its images clean, t = 0) or a ``ChameleonModule``.
         batches: packed batches (``pack_rows``); moved to the module's device here.
     """
     # sync_on_compute=False: callers evaluate on one rank; a cross-rank gather here would wait forever.
@@ -26,7 +26,8 @@ def perplexity(module, batches: list[Batch]) -> float:
         batch = batch.to(module.device)
         t = torch.zeros(batch.num_images, dtype=torch.long, device=module.device)
         out = module(batch, batch.latents, t)
-        logits, targets = module.model.target_logits(out.hidden, batch.targets)  # [n, V], [n]
+        # Text targets only: a discrete-token model also predicts image codes, which are no part of a text perplexity.
+        logits, targets = module.model.target_logits(out.hidden, module.text_targets(batch.targets))  # [n, V], [n]
         if targets.numel():
             metric.update(logits[None], targets[None])
     return float(metric.compute())

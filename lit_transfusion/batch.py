@@ -27,13 +27,16 @@ IGNORE = -100  # target value meaning "no LM loss here" (torch's cross_entropy d
 
 @dataclass
 class SpecialIds:
-    """Ids of the special tokens every tokenizer of the project provides."""
+    """Ids of the special tokens every tokenizer of the project provides. ``first_code``: where a discrete-token
+    (Chameleon-style) vocabulary puts image code 0, after every text id (codes are ``first_code + 0..K-1``); -1 for
+    the continuous-image (Transfusion) data, which has no image codes."""
 
     bos: int
     eos: int
     pad: int
     boi: int
     eoi: int
+    first_code: int = -1
 
 
 @dataclass

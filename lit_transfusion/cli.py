@@ -2,6 +2,8 @@
 
     fit | validate | test | predict   train / evaluate a Transfusion model (LightningCLI, ``--config`` YAML)
     vae fit | validate | test         train / evaluate the image autoencoder (LightningCLI over ``VAEModule``)
+    vq fit | validate | test          train / evaluate the discrete image tokenizer of the Chameleon-style baseline
+                                      (LightningCLI over ``VQModule``)
     sample                            images, captions and mixed text from a checkpoint (``sample.py``)
     export                            a checkpoint -> safetensors + JSON that load without unpickling
     prepare                           a user's images, captions, documents and texts -> streamable training data
@@ -24,9 +26,10 @@ from lit_transfusion.hardware import resolve_precision
 
 # Shown under the Transfusion parser's --help (a single paragraph: the help formatter reflows it).
 COMMANDS = ("Other commands: 'vae fit|validate|test --config configs/shapes/vae.yaml' trains the image "
-            "autoencoder; 'sample --help' generates from a checkpoint; 'export --help' writes its weights as "
-            "safetensors + JSON; 'prepare --help' turns your own data into training data; 'sweep --config "
-            "configs/sweeps/<name>.yaml' runs a grid of fits and tabulates them.")
+            "autoencoder; 'vq fit|validate|test --config configs/shapes/vq.yaml' trains the discrete image "
+            "tokenizer of the Chameleon-style baseline; 'sample --help' generates from a checkpoint; 'export "
+            "--help' writes its weights as safetensors + JSON; 'prepare --help' turns your own data into "
+            "training data; 'sweep --config configs/sweeps/<name>.yaml' runs a grid of fits and tabulates them.")
 
 # Commands that are not a Trainer loop: name -> "module:function" called with the remaining arguments. Data
 # preparation lives beside the datamodules it feeds, so it is named here rather than imported.
@@ -99,12 +102,23 @@ def build_cli(argv: list[str] | None = None, run: bool = True, cli_class: type |
     )
 
 
-def build_vae_cli(argv: list[str] | None = None, run: bool = True, cli_class: type | None = None) -> LightningCLI:
-    """The autoencoder's CLI (``python -m lit_transfusion vae fit --config configs/shapes/vae.yaml``)."""
-    from lit_transfusion.vae import VAEModule
+# Image autoencoder commands: name -> "module:LightningModule" trained on an image datamodule, without links.
+AUTOENCODERS = {
+    "vae": "lit_transfusion.vae:VAEModule",  # continuous latents for Transfusion (configs/shapes/vae.yaml)
+    "vq": "lit_transfusion.vq:VQModule",  # discrete codes for the Chameleon-style baseline (configs/shapes/vq.yaml)
+}
 
+
+def build_autoencoder_cli(
+    command: str, argv: list[str] | None = None, run: bool = True, cli_class: type | None = None
+) -> LightningCLI:
+    """An image autoencoder's CLI, ``command`` one of ``AUTOENCODERS``
+    (``python -m lit_transfusion vae fit --config configs/shapes/vae.yaml``, or ``vq`` with ``vq.yaml``)."""
+    import importlib
+
+    module, name = AUTOENCODERS[command].split(":")
     return (cli_class or HardwareAwareCLI)(
-        VAEModule,
+        getattr(importlib.import_module(module), name),
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
@@ -130,11 +144,11 @@ def main(argv: list[str] | None = None) -> None:
         module, function = ENTRY_POINTS[command].split(":")
         getattr(importlib.import_module(module), function)(rest)
         return
-    # main passes the command line on explicitly (without "vae"): LightningCLI's warning about that is noise.
+    # main passes the command line on explicitly (without "vae"/"vq"): LightningCLI's warning about that is noise.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
     try:
-        if command == "vae":
-            build_vae_cli(rest, cli_class=_VAECommand)
+        if command in AUTOENCODERS:
+            build_autoencoder_cli(command, rest, cli_class=_AutoencoderCommand)
         else:
             build_cli(argv, cli_class=_TransfusionCommand)
     except (ArgumentError, _ConfigError) as e:  # both are raised before the command runs
@@ -171,7 +185,7 @@ class _TransfusionCommand(_ReportsBadSettings, TransfusionCLI):
     pass
 
 
-class _VAECommand(_ReportsBadSettings, HardwareAwareCLI):
+class _AutoencoderCommand(_ReportsBadSettings, HardwareAwareCLI):
     pass
 
 

@@ -36,7 +36,12 @@ def export(ckpt_path: str, out: str) -> Path:
 
     from lit_transfusion.sample import load_run
 
+    from lit_transfusion.module import TransfusionModule
+
     module, tokenizer, codec, image_size = load_run(ckpt_path)
+    if type(module) is not TransfusionModule:
+        raise ValueError(f"--ckpt_path {ckpt_path!r} holds a {type(module).__name__}: export writes Transfusion "
+                         "models (with their VAE); sample other models from their checkpoint")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in module.model.state_dict().items()}

@@ -52,6 +52,9 @@ class SamplingConfig:
             lo <= t < hi (flow: t = σ·T, on the same 0..1000 scale) and the conditional prediction alone
             elsewhere (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval"). Default (0, 1000):
             every step, the paper's sampler.
+        image_temperature: temperature of image-code sampling (discrete-token models, ``ChameleonSampler``;
+            Chameleon samples its image tokens at 1; 0 = greedy). Guidance applies to the logits first.
+        image_top_k: keep the k most likely image codes (0 = all); discrete-token models only.
         seed: makes noise and token sampling reproducible.
     """
 
@@ -64,6 +67,8 @@ class SamplingConfig:
     steps: int = 250
     guidance_scale: float = 3.0
     guidance_interval: tuple[int, int] = (0, 1000)
+    image_temperature: float = 1.0
+    image_top_k: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -71,10 +76,10 @@ class SamplingConfig:
             raise ValueError(f"unknown scheduler {self.scheduler!r}: expected one of {', '.join(SAMPLERS)}")
         if self.steps < 1:
             raise ValueError(f"steps={self.steps}: expected >= 1")
-        if min(self.max_new_tokens, self.min_new_tokens, self.top_k) < 0:
-            raise ValueError("max_new_tokens, min_new_tokens and top_k must be >= 0")
-        if self.guidance_scale < 0 or self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("guidance_scale and temperature must be >= 0 and top_p in (0, 1]")
+        if min(self.max_new_tokens, self.min_new_tokens, self.top_k, self.image_top_k) < 0:
+            raise ValueError("max_new_tokens, min_new_tokens, top_k and image_top_k must be >= 0")
+        if min(self.guidance_scale, self.temperature, self.image_temperature) < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("guidance_scale, temperature and image_temperature must be >= 0 and top_p in (0, 1]")
         lo, hi = self.guidance_interval
         if not 0 <= lo < hi:
             raise ValueError(f"guidance_interval={self.guidance_interval}: expected 0 <= lo < hi (timesteps)")
@@ -88,6 +93,7 @@ class State:
     latents: Tensor  # [N, C, h, w] clean latents of images already in the sequences
     kv: list | None = None  # per-layer (k, v) [B, H, L, Dh] of every position, or None (no cache)
     images: list = field(default_factory=list)  # per row: list of generated latents
+    hidden: Tensor | None = None  # [B, D] hidden state at each row's last position (its next-token logits)
 
     @property
     def next_pos(self) -> Tensor:
@@ -177,6 +183,7 @@ class TransfusionSampler:
             out = self.model(new, latents, t, mask, past=state.kv)
             hidden, kv = out.hidden, out.kv
         if append:
+            state.hidden = hidden[:, -1]
             if not prefill:
                 state.seq = state.seq.cat(new)
             if self.use_cache:
@@ -187,22 +194,16 @@ class TransfusionSampler:
         return hidden, out.eps
 
     # ------------------------------------------------------------------------------------------- text
+    def banned_text_tokens(self) -> list[int]:
+        """Ids text decoding never samples: padding, and ``<eoi>`` (appended after an image, never sampled)."""
+        return [self.special.pad, self.special.eoi]
+
     def _pick(self, logits: Tensor, cfg: SamplingConfig, gen: torch.Generator, allow_eos: bool = True) -> Tensor:
         """logits [B, V] -> token ids [B]."""
         logits = logits.float().clone()  # the bans below must not write into the caller's tensor
-        banned = [self.special.pad, self.special.eoi] + ([] if allow_eos else [self.special.eos])
-        logits[:, banned] = -float("inf")  # <eoi> is appended after an image, never sampled
-        if cfg.temperature == 0:
-            return logits.argmax(-1)
-        logits = logits / cfg.temperature
-        if cfg.top_k:
-            kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, -float("inf"))
-        if cfg.top_p < 1:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            drop = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1) > cfg.top_p
-            logits = logits.masked_fill(drop.scatter(1, order, drop), -float("inf"))
-        return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+        banned = self.banned_text_tokens() + ([] if allow_eos else [self.special.eos])
+        logits[:, banned] = -float("inf")
+        return sample_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p, gen)
 
     def _append_token(self, state: State, token: Tensor) -> Tensor:
         """Append one token per row [B]; returns the hidden state at it [B, D]."""
@@ -317,6 +318,22 @@ class TransfusionSampler:
             hidden = self._append_token(state, torch.tensor([sp.eoi], device=self.device))
 
 
+def sample_logits(logits: Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> Tensor:
+    """Draw one id per row from logits [B, V] (float): greedy at temperature 0, else softmax(logits / temperature)
+    restricted to the ``top_k`` most likely ids (0 = all) and the ``top_p`` nucleus (1 = all). Returns [B]."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        drop = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1) > top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+
+
 def _stack(states: list[State]) -> State:
     """Rows of several states in one, each left-padded to the longest (pads: doc id -1, zero keys/values);
     image ids of later states are shifted past the earlier states' images."""
@@ -333,4 +350,7 @@ def _stack(states: list[State]) -> State:
     if kv_parts:
         kv = [(torch.cat([p[i][0] for p in kv_parts]), torch.cat([p[i][1] for p in kv_parts]))
               for i in range(len(kv_parts[0]))]
-    return State(seq=Seq.stack(seqs), latents=torch.cat([s.latents for s in states]), kv=kv)
+    hidden = None
+    if all(s.hidden is not None for s in states):
+        hidden = torch.cat([s.hidden for s in states])
+    return State(seq=Seq.stack(seqs), latents=torch.cat([s.latents for s in states]), kv=kv, hidden=hidden)

@@ -39,11 +39,15 @@ class ModelConfig:
         vocab_size: text vocabulary incl. special tokens.
         latent_shape: (C, h, w) of one image latent.
         patch_size: side of a square latent patch; divides h and w.
-        patcher: "linear" or "unet".
+        patcher: "linear", "unet", or "none": no patcher, for a text-only or discrete-image-token model (the
+            Chameleon-style baseline, whose image codes are vocabulary ids). Such a model takes no latents;
+            ``latent_shape`` then only describes the images to others (e.g. the code grid) and need not split
+            into patches.
         unet_channels: base conv width of the unet patcher.
         image_attention: the mask among one image's patches, "bidirectional" (the paper) or "causal"
             (``attention.py``); part of the network's definition, so training and generation share it.
-        transformer: the backbone's config.
+        transformer: the backbone's config. Its ``modalities`` is 1 (dense) or 2 (Mixture-of-Transformers:
+            modality 0 = text positions, ``<boi>``/``<eoi>`` included; 1 = image-patch positions).
     """
 
     vocab_size: int
@@ -56,21 +60,27 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         C, h, w = self.latent_shape
-        if self.patch_size < 1 or h % self.patch_size or w % self.patch_size:
+        if self.patcher not in ("linear", "unet", "none"):
+            raise ValueError(f"patcher={self.patcher!r}: expected 'linear', 'unet' or 'none'")
+        if self.patcher != "none" and (self.patch_size < 1 or h % self.patch_size or w % self.patch_size):
             raise ValueError(
                 f"patch_size={self.patch_size} must divide the latent grid {h}x{w} (latent_shape={self.latent_shape})"
             )
-        if self.patcher not in ("linear", "unet"):
-            raise ValueError(f"patcher={self.patcher!r}: expected 'linear' or 'unet'")
         check_image_attention(self.image_attention)
         if self.transformer is None:
             self.transformer = TransformerConfig()
+        if self.transformer.modalities not in (1, 2):
+            raise ValueError(f"modalities={self.transformer.modalities}: the model has two modalities (text, image "
+                             "patches); expected 1 (dense) or 2 (Mixture-of-Transformers)")
+        if self.transformer.modalities == 2 and self.patcher == "none":
+            raise ValueError("modalities=2 with patcher='none': the image weights would never see a position "
+                             "(a model without a patcher has no patch positions)")
 
     @classmethod
     def from_size(cls, size: str, *, vocab_size: int, latent_shape: tuple[int, int, int], **overrides) -> ModelConfig:
         """The config of a named size (``SIZES``). ``overrides`` are ModelConfig fields (patch_size, patcher,
-        unet_channels, image_attention) or TransformerConfig fields (dim, n_layers, n_heads, max_seq_len, ...);
-        None = keep."""
+        unet_channels, image_attention) or TransformerConfig fields (dim, n_layers, n_heads, max_seq_len, modalities,
+        qk_norm, ...); None = keep."""
         if size not in SIZES:
             raise ValueError(f"size={size!r} is not a known size: expected one of {', '.join(SIZES)}")
         overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -87,6 +97,9 @@ class ModelConfig:
 
     @property
     def patches_per_image(self) -> int:
+        """Patch positions of one image; 0 without a patcher (its model lays no image out as patches)."""
+        if self.patcher == "none":
+            return 0
         _, h, w = self.latent_shape
         return (h // self.patch_size) * (w // self.patch_size)
 
@@ -113,8 +126,10 @@ class TransfusionModel(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, D)
         if cfg.patcher == "linear":
             self.patcher = LinearPatcher(C, h, w, cfg.patch_size, D)
-        else:
+        elif cfg.patcher == "unet":
             self.patcher = UNetPatcher(C, h, w, cfg.patch_size, D, cfg.unet_channels)
+        else:
+            self.patcher = None
         self.transformer = Transformer(cfg.transformer)
         self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)
         if self.lm_head.weight.device.type != "meta":
@@ -145,12 +160,15 @@ class TransfusionModel(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-        zero = {id(m) for m in self.patcher.output_layers()}
+        def keeps_init(name: str) -> bool:
+            return name.startswith("patcher.") and self.patcher.keeps_init(name[len("patcher."):])
+
+        zero = {id(m) for m in self.patcher.output_layers()} if self.patcher is not None else set()
         for name, m in self.named_modules():
             if id(m) in zero:
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.Linear, nn.Embedding)) and not self.patcher.keeps_init(name[len("patcher."):]):
+            elif isinstance(m, (nn.Linear, nn.Embedding)) and not keeps_init(name):
                 normal(m)
 
     def forward(self, seq: Seq, latents: Tensor, t: Tensor, mask, past: list[KV] | None = None) -> ModelOutput:
@@ -163,7 +181,13 @@ class TransfusionModel(nn.Module):
             t: [N] diffusion timestep of each image in t units (0..T; long, or float: flow sampling's σ·T).
             mask: dense bool [B, 1, L, Lpast+L] or a flex BlockMask (``attention.py``).
             past: optional per-layer cached (k, v) of earlier positions.
+
+        With a Mixture-of-Transformers backbone, patch positions run through the image weights and every other
+        position (text, ``<boi>``, ``<eoi>``, pads) through the text weights.
         """
+        if self.patcher is None and latents.shape[0] > 0:
+            raise ValueError(f"this model has no patcher (patcher='none') and takes no images, but got latents of "
+                             f"shape {tuple(latents.shape)}: give it text (image codes as token ids) only")
         x = self.embed(seq.tokens)  # [B, L, D]
         is_patch = seq.image_mask  # [B, L]
         P = self.cfg.patches_per_image
@@ -173,7 +197,8 @@ class TransfusionModel(nn.Module):
             # Index of each patch position's vector in the flattened [N·P, D] table.
             flat = (seq.image_ids * P + seq.patch_ids)[is_patch]  # [n_patch_positions]
             x = x.masked_scatter(is_patch[..., None], patches.reshape(-1, x.shape[-1])[flat].to(x.dtype))
-        hidden, kv = self.transformer(x, seq.positions, mask, past)  # [B, L, D]
+        modality = is_patch.long() if self.cfg.transformer.modalities > 1 else None  # [B, L]: 1 = image patch
+        hidden, kv = self.transformer(x, seq.positions, mask, past, modality)  # [B, L, D]
         eps = latents.new_zeros(latents.shape)
         if latents.shape[0] > 0:
             gathered = hidden.new_zeros(latents.shape[0] * P, hidden.shape[-1])
@@ -194,3 +219,11 @@ class TransfusionModel(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def active_params(self) -> int:
+        """Parameters one position's forward uses: the N of a 6·N·D compute budget. Dense, every parameter
+        (``num_params``). Mixture-of-Transformers: every backbone parameter exists once per modality and a
+        position uses one copy, so the backbone counts once (the MoT paper compares models at equal FLOPs per
+        token); the embedding, LM head and patcher count whole, as for a dense model."""
+        backbone = sum(p.numel() for p in self.transformer.parameters())
+        return self.num_params() - backbone + backbone // self.cfg.transformer.modalities

@@ -28,14 +28,17 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lit_transfusion.attention import block_mask, dense_mask
-from lit_transfusion.batch import Batch, CaptionPairs, Seq
+from lit_transfusion.batch import Batch, CaptionPairs, Seq, SpecialIds
 from lit_transfusion.diffusion import Diffusion
+from lit_transfusion.generation import TransfusionSampler
 from lit_transfusion.model import ModelConfig, ModelOutput, TransfusionModel
 from lit_transfusion.schedule import WarmupCosine, training_timer
 
 
 class TransfusionModule(L.LightningModule):
     """Transfusion training.
+
+    ``LOGGED_LOSSES``: the entries of :meth:`losses` logged as ``train/<name>`` and ``val/<name>``.
 
     Args:
         vocab_size: text vocabulary size (linked from the datamodule).
@@ -51,6 +54,11 @@ class TransfusionModule(L.LightningModule):
         image_attention: the mask among one image's patches. "bidirectional" (the paper): every patch sees all
             patches of its image; "causal" (the paper's Table 5 ablation): a patch sees only the earlier patches
             of its image, the causal mask everywhere. Training and generation use the same rule.
+        mot: Mixture-of-Transformers (arXiv 2411.04996): text and image positions use separate backbone weights
+            (FFN, attention projections, norms), attention stays global; about 2x the backbone parameters at equal
+            FLOPs per position (``TransfusionModel.active_params`` is the N of a 6·N·D budget).
+        qk_norm: RMSNorm over the head dim on queries and keys before RoPE (Chameleon's fix for attention logits
+            that grow until training diverges).
         image_loss_weight: λ in loss = loss_text + λ·loss_image (paper: 5).
         lr: peak learning rate. min_lr: final learning rate of the cosine decay. warmup_steps: linear warmup.
         weight_decay: AdamW decoupled weight decay, applied to matrices only (not norms/biases/vectors).
@@ -82,6 +90,9 @@ class TransfusionModule(L.LightningModule):
             The CLI sets it for ``ModelParallelStrategy``, so a 7B model never exists whole on one rank.
     """
 
+    LOGGED_LOSSES: tuple[str, ...] = ("loss", "loss_text", "loss_image", "mse_image")
+    COND_GAP_TERMS: tuple[str, str] = ("mse_true_caption", "mse_shuffled_caption")  # logged beside cond_gap
+
     def __init__(
         self,
         vocab_size: int,
@@ -96,6 +107,8 @@ class TransfusionModule(L.LightningModule):
         patcher: Literal["linear", "unet"] = "linear",
         unet_channels: PositiveInt | None = None,
         image_attention: Literal["bidirectional", "causal"] = "bidirectional",
+        mot: bool = False,
+        qk_norm: bool = False,
         image_loss_weight: NonNegativeFloat = 5.0,
         lr: PositiveFloat = 3e-4,
         min_lr: NonNegativeFloat = 1.5e-5,
@@ -130,12 +143,17 @@ class TransfusionModule(L.LightningModule):
         if timestep_sampling == "importance" and snr_gamma is None:
             raise ValueError("model.timestep_sampling='importance' needs model.snr_gamma: it draws t in proportion "
                              "to the Min-SNR weight, and without weighting every t weighs the same")
+        if special_ids.get("first_code", -1) >= 0:
+            raise ValueError("model: the data holds images as discrete codes (data.image_tokens: codes), which "
+                             "TransfusionModule cannot diffuse; train them with "
+                             "lit_transfusion.chameleon.ChameleonModule or set data.image_tokens: latents")
         self.save_hyperparameters()
         try:
             self.config = ModelConfig.from_size(
                 size, vocab_size=vocab_size, latent_shape=latent_shape, dim=dim, n_layers=n_layers, n_heads=n_heads,
                 max_seq_len=max_seq_len, activation_checkpointing=activation_checkpointing,
                 patch_size=patch_size, patcher=patcher, unet_channels=unet_channels, image_attention=image_attention,
+                modalities=2 if mot else None, qk_norm=qk_norm,
             )
         except ValueError as e:
             raise ValueError(f"model.init_args.{e}") from None
@@ -236,6 +254,14 @@ class TransfusionModule(L.LightningModule):
         return dict(loss=loss, loss_text=loss_text, loss_image=loss_image, mse_image=mse_image,
                     mse_per_image=mse_per_image)
 
+    def text_targets(self, targets: Tensor) -> Tensor:
+        """``targets`` [B, L] with only text targets kept (perplexities count text): every target is text here."""
+        return targets
+
+    def sampler(self, special: SpecialIds, use_cache: bool = True) -> TransfusionSampler:
+        """The sampler of this model (evaluation callbacks and ``sample`` generate through it)."""
+        return TransfusionSampler(self.model, self.diffusion, special, use_cache=use_cache)
+
     # ---------------------------------------------------------------------------------------- training
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
@@ -248,8 +274,12 @@ class TransfusionModule(L.LightningModule):
         seed = (self.hparams.seed * 1_000_003 + step) * 1024 + rank
         return torch.Generator(device=self.device).manual_seed(seed)
 
+    def training_losses(self, batch: Batch) -> dict[str, Tensor]:
+        """:meth:`losses` with this step's timesteps and noise (``step_generator``) and the configured sampling of t."""
+        return self.losses(batch, generator=self.step_generator(), timestep_sampling=self.hparams.timestep_sampling)
+
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
-        out = self.losses(batch, generator=self.step_generator(), timestep_sampling=self.hparams.timestep_sampling)
+        out = self.training_losses(batch)
         if not torch.isfinite(out["loss"]):
             bad = [k for k in ("loss_text", "loss_image") if not torch.isfinite(out[k])] or ["loss"]
             message = (f"non-finite training loss at step {self.trainer.global_step}: "
@@ -262,7 +292,7 @@ class TransfusionModule(L.LightningModule):
             self.log("train/nonfinite_skipped", float(self._nonfinite_skipped), batch_size=1)
             return None  # Lightning skips backward and the optimizer step
         n = batch.num_rows
-        for k in ("loss", "loss_text", "loss_image", "mse_image"):
+        for k in self.LOGGED_LOSSES:
             self.log(f"train/{k}", out[k], prog_bar=k == "loss", batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         if hasattr(self, "_schedule"):  # absent when a subclass brings its own optimizer and schedule
@@ -302,12 +332,17 @@ class TransfusionModule(L.LightningModule):
         g = torch.Generator(device=self.device).manual_seed(batch_idx)
         if isinstance(batch, Batch):
             out = self.losses(batch, generator=g)
-            for k in ("loss", "loss_text", "loss_image", "mse_image"):
+            for k in self.LOGGED_LOSSES:
                 self.log(f"{stage}/{k}", out[k], batch_size=batch.num_rows, sync_dist=True,
                          add_dataloader_idx=False)
             return
         if not isinstance(batch, CaptionPairs):
             raise TypeError(f"{stage} batches must be Batch or CaptionPairs, got {type(batch).__name__}")
+        self._accumulate_cond_gap(batch, batch_idx)
+
+    def _accumulate_cond_gap(self, batch: CaptionPairs, batch_idx: int) -> None:
+        """Add one batch of caption pairs to ``_cond_gap_sums``: per timestep, the summed image MSE with the true and
+        with the shuffled captions (same t, same noise) and the image count."""
         true, shuffled = batch.true, batch.shuffled
         for i, step in enumerate(self.hparams.cond_gap_timesteps):
             t = torch.full((true.num_images,), step, dtype=torch.long, device=self.device)
@@ -324,8 +359,8 @@ class TransfusionModule(L.LightningModule):
         mse_true, mse_shuf = sums[:, 0] / sums[:, 2], sums[:, 1] / sums[:, 2]
         gap = ((mse_shuf - mse_true) / mse_shuf).mean()
         # Already summed over ranks above, so every rank holds the same value; sync_dist only averages equals.
-        for name, value in [("cond_gap", gap), ("mse_true_caption", mse_true.mean()),
-                            ("mse_shuffled_caption", mse_shuf.mean())]:
+        true_name, shuffled_name = self.COND_GAP_TERMS
+        for name, value in [("cond_gap", gap), (true_name, mse_true.mean()), (shuffled_name, mse_shuf.mean())]:
             self.log(f"{stage}/{name}", value, sync_dist=True)
 
     def on_test_epoch_end(self) -> None:

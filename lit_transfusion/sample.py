@@ -27,7 +27,8 @@ import yaml
 from jsonargparse import ArgumentParser, Namespace
 from jsonargparse.typing import PositiveInt
 
-from lit_transfusion.generation import SamplingConfig, TransfusionSampler
+from lit_transfusion.batch import SpecialIds
+from lit_transfusion.generation import SamplingConfig
 
 
 class SampleError(Exception):
@@ -50,24 +51,37 @@ def load_run(ckpt_path: str | Path, device: str = "cpu"):
     if not config_path.is_file():
         raise SampleError(f"no config.yaml next to the checkpoint's run directory ({config_path}); "
                           "expected a checkpoint written by `python -m lit_transfusion fit`")
+    config = yaml.safe_load(config_path.read_text())
+    # The run's own module class: TransfusionModule, or a subclass such as the discrete-token ChameleonModule.
+    module_cls = TransfusionModule
+    model_path = (config.get("model") or {}).get("class_path", "")
+    if model_path:
+        owner, _, name = model_path.rpartition(".")
+        module_cls = getattr(importlib.import_module(owner), name)
+        if not (isinstance(module_cls, type) and issubclass(module_cls, TransfusionModule)):
+            raise SampleError(f"{config_path}: model.class_path {model_path!r} is not a TransfusionModule (subclass)")
     try:
         source = _consolidated(ckpt_path) if ckpt_path.is_dir() else ckpt_path
         # weights_only: a Lightning checkpoint holds only tensors and plain containers (tested)
-        module = TransfusionModule.load_from_checkpoint(source, map_location=device, weights_only=True)
+        module = module_cls.load_from_checkpoint(source, map_location=device, weights_only=True)
     except SampleError:
         raise
     except Exception as e:  # torch raises many kinds for a truncated / foreign file
         raise SampleError(f"--ckpt_path {str(ckpt_path)!r} is not a readable TransfusionModule checkpoint: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    data_cfg = yaml.safe_load(config_path.read_text())["data"]
+    data_cfg = config["data"]
     module_name, _, cls_name = data_cfg["class_path"].rpartition(".")
     init_args = dict(data_cfg.get("init_args") or {})
     init_args["patch_size"] = module.hparams.patch_size
     dm = getattr(importlib.import_module(module_name), cls_name)(**init_args)
-    # A datamodule names its VAE and image size as properties (prepared data: from its manifest) or settings.
-    vae_path = getattr(dm, "vae_path", None) or dm.hparams.vae_path
+    # A datamodule names its VAE and image size as properties (prepared data: from its manifest) or settings; one
+    # that can hold images as codes gives its codec itself.
     image_size = getattr(dm, "image_size", None) or dm.hparams.image_size
-    codec = LatentCodec.from_dir(vae_path).to(device)
+    if hasattr(dm, "image_codec"):
+        codec = dm.image_codec().to(device)
+    else:
+        vae_path = getattr(dm, "vae_path", None) or dm.hparams.vae_path
+        codec = LatentCodec.from_dir(vae_path).to(device)
     return module.eval(), dm.tokenizer, codec, int(image_size)
 
 
@@ -140,7 +154,7 @@ def run(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     module, tok, codec, image_size = load_run(ckpt_path, device)
-    sampler = TransfusionSampler(module.model, module.diffusion, tok.special)
+    sampler = module.sampler(SpecialIds(**module.special))  # the model's ids (a token baseline's incl. first_code)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict = {}

@@ -19,14 +19,29 @@ A sweep file (YAML) says what to run::
       - {name: causal, model.init_args.image_attention: causal}
       - {name: bidirectional}
     seeds: [0, 1]                       # each run sets seed_everything and model.init_args.seed
+    budgets: [2.0e+12, 8.0e+12]         # optional: train each run for a compute budget (6·N·D FLOPs), not max_steps
+    compare: {reference: bidirectional, metrics: [val/fid]}   # optional (needs budgets): equal-compute analysis
     metrics: [val/cond_gap, val/fid]    # what results.md and curves.png show (results.csv has every val/ metric)
     parallel: 1                         # local runs at a time; each gets cores // parallel threads
     slurm: {partition: gpu, time: 120, gpus: 1, cpus: 8, mem_gb: 32, setup: ["source .venv/bin/activate"]}
 
-Runs are variants × grid points × seeds (grid or variants may be absent, not both), ordered seed-major, so the
-first seed of every setting finishes first; ``--dry-run`` prints them with their index. The whole file is
-checked before any run starts: every run's full argument list goes through the Transfusion parser (no model is
-built), and an error names the file, the section and the key.
+Runs are budgets × variants × grid points × seeds (grid or variants may be absent, not both; budgets may be
+absent), ordered seed-major, then by budget, so the first seed of every setting finishes first; ``--dry-run``
+prints them with their index. The whole file is checked before any run starts: every run's full argument list
+goes through the Transfusion parser (no model is built), and an error names the file, the section and the key.
+
+Equal compute (``budgets``, ``compare``): each run of a budget gets ``callbacks.flops.FlopsBudget`` with that
+budget, which sets its ``trainer.max_steps`` to the steps whose 6·N·D spends it (N: the parameters a position
+uses; D: non-pad positions, each text token, image patch or image code counting one), so the configured
+``trainer.max_steps`` is overridden (a sweep with budgets may not set it) and the learning-rate schedule ends at
+the budget's last step; the run validates at that step. Budgets are written as numbers (YAML reads ``2e12``
+without a dot as text; that is accepted too). The run id carries the budget (``linear-budget2e12-seed0``), its
+*family* is the id less budget and seed (a variant name and grid point), results.csv gets ``family`` and
+``budget`` columns. ``compare`` (``reference``: a family; ``metrics``: default the sweep's ``metrics``) writes
+``equal_flops.md`` and ``equal_flops.png`` into the sweep directory (with results.md, and again by ``--collect``):
+each metric's final value against training FLOPs per family and budget, a power law per family fitted through
+every seed's point, and the FLOP ratio at which each family matches the reference
+(``lit_transfusion.sweep_results``).
 
 Every run is a ``fit`` in a subprocess with its own directory ``<out>/<name>/runs/<run_id>/`` (the TensorBoard
 logger is pinned there: ``config.yaml``, ``checkpoints/``, events, ``metrics.json``), and beside them
@@ -51,6 +66,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -64,8 +80,11 @@ from typing import Any
 import yaml
 
 FLOPS_CALLBACK = "callbacks.flops.FlopsCounter"
+BUDGET_CALLBACK = "callbacks.flops.FlopsBudget"
 LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
-SECTIONS = ("name", "base", "overrides", "grid", "variants", "seeds", "metrics", "parallel", "slurm")
+SECTIONS = ("name", "base", "overrides", "grid", "variants", "seeds", "budgets", "compare", "metrics", "parallel",
+            "slurm")
+COMPARE_KEYS = ("reference", "metrics")
 SLURM_KEYS = ("partition", "time", "gpus", "cpus", "mem_gb", "account", "qos", "setup", "additional")
 # Set by the runner for every run: a sweep that sets them itself would be silently overridden.
 PINNED = ("seed_everything", "model.init_args.seed", "trainer.logger", "ckpt_path", "config")
@@ -90,12 +109,15 @@ class Sweep:
     metrics: list[str]
     parallel: int = 1
     slurm: dict[str, Any] = dataclasses.field(default_factory=dict)
+    budgets: list[float] = dataclasses.field(default_factory=list)
+    compare: dict[str, Any] | None = None  # {"reference": family, "metrics": [...]}, metrics filled in
 
 
 @dataclasses.dataclass
 class Run:
     """One run of a sweep: ``settings`` are its variant's and grid point's keys (with the section each came
-    from), ``variant`` the run id less the seed."""
+    from), ``variant`` the run id less the seed, ``family`` the run id less the budget and the seed, ``budget``
+    its compute budget in FLOPs (None: it trains for ``trainer.max_steps``)."""
 
     index: int
     run_id: str
@@ -103,6 +125,8 @@ class Run:
     settings: dict[str, Any]
     sources: dict[str, str]
     seed: int
+    budget: float | None = None
+    family: str = ""
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -142,6 +166,14 @@ def load_sweep(path: str | Path) -> Sweep:
     metrics = raw.get("metrics", ["val/loss"])
     if not isinstance(metrics, list) or not metrics or not all(isinstance(m, str) for m in metrics):
         raise fail("metrics", f"a non-empty list of metric names, got {metrics!r}")
+    budgets = _budgets(raw, fail)
+    if budgets:
+        for where, mapping in [("overrides", overrides), ("grid", grid),
+                               *((f"variants[{v['name']}]", v) for v in variants)]:
+            if "trainer.max_steps" in mapping:
+                raise fail(f"{where}: trainer.max_steps", "set by budgets (each run's FlopsBudget turns its budget "
+                                                          "into max_steps); leave it out")
+    compare = _compare(raw, fail, budgets, metrics, [f for f, _, _ in _families(grid, variants)])
     parallel = raw.get("parallel", 1)
     if not isinstance(parallel, int) or parallel < 1:
         raise fail("parallel", f"a positive integer, got {parallel!r}")
@@ -151,7 +183,7 @@ def load_sweep(path: str | Path) -> Sweep:
     for key in slurm:
         if key not in SLURM_KEYS:
             raise fail(f"slurm.{key}", f"unknown key (expected one of {', '.join(SLURM_KEYS)})")
-    return Sweep(path, name, base, overrides, grid, variants, seeds, metrics, parallel, slurm)
+    return Sweep(path, name, base, overrides, grid, variants, seeds, metrics, parallel, slurm, budgets, compare)
 
 
 def _mapping(value: Any, fail, where: str) -> dict[str, Any]:
@@ -202,6 +234,51 @@ def _variants(raw: dict, fail) -> list[dict[str, Any]]:
     return out
 
 
+def _budgets(raw: dict, fail) -> list[float]:
+    """The ``budgets:`` list as floats: positive, finite, distinct. YAML reads ``2e12`` (no dot) as a string, so a
+    string that is a number is taken as one."""
+    if "budgets" not in raw:
+        return []
+    budgets = raw["budgets"]
+    if not isinstance(budgets, list) or not budgets:
+        raise fail("budgets", f"a non-empty list of compute budgets in FLOPs (e.g. [1.0e+12, 4.0e+12]), "
+                              f"got {budgets!r}")
+    out = []
+    for i, value in enumerate(budgets):
+        try:
+            number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+        except ValueError:
+            number = None
+        if number is None or not math.isfinite(number) or number <= 0:
+            raise fail(f"budgets[{i}]", f"{value!r}: a positive number of FLOPs (e.g. 2.0e+12)")
+        if number in out:
+            raise fail(f"budgets[{i}]", f"{value!r}: repeated budget")
+        out.append(number)
+    return out
+
+
+def _compare(raw: dict, fail, budgets: list[float], metrics: list[str], families: list[str]) -> dict | None:
+    """The ``compare:`` mapping with its metrics filled in (default: the sweep's ``metrics``)."""
+    if "compare" not in raw:
+        return None
+    compare = raw["compare"]
+    if not isinstance(compare, dict):
+        raise fail("compare", f"a mapping {{reference: <family>, metrics: [...]}}, got {compare!r}")
+    for key in compare:
+        if key not in COMPARE_KEYS:
+            raise fail(f"compare.{key}", f"unknown key (expected one of {', '.join(COMPARE_KEYS)})")
+    if not budgets:
+        raise fail("compare", "needs budgets: (the compute grid each family's power law is fitted on)")
+    reference = compare.get("reference")
+    if reference not in families:
+        raise fail("compare.reference", f"{reference!r}: not a family of this sweep (expected one of "
+                                        f"{', '.join(families)}: a variant name with its grid point)")
+    chosen = compare.get("metrics", metrics)
+    if not isinstance(chosen, list) or not chosen or not all(isinstance(m, str) for m in chosen):
+        raise fail("compare.metrics", f"a non-empty list of metric names, got {chosen!r}")
+    return {"reference": reference, "metrics": list(chosen)}
+
+
 def _check_overlaps(grid: dict, variants: list[dict], fail) -> None:
     """A key in both the grid and a variant would leave the outcome to argument order: refuse it. (Either may
     refine an override: overrides come first.)"""
@@ -213,25 +290,41 @@ def _check_overlaps(grid: dict, variants: list[dict], fail) -> None:
 
 # ----------------------------------------------------------------------------------------------- runs
 def expand(sweep: Sweep) -> list[Run]:
-    """variants × grid points × seeds, seed-major, with readable unique run ids (``causal-patch_size=2-seed0``)."""
-    names = _short_names(list(sweep.grid))
-    points = [dict(zip(sweep.grid, values, strict=True)) for values in itertools.product(*sweep.grid.values())]
-    variants = sweep.variants or [{"name": ""}]
+    """budgets × variants × grid points × seeds, seed-major then by budget, with readable unique run ids
+    (``causal-patch_size=2-seed0``, ``causal-patch_size=2-budget2e12-seed0``)."""
     runs: list[Run] = []
     for seed in sweep.seeds:
-        for variant in variants:
-            for point in points:
-                parts = [variant["name"]] if variant["name"] else []
-                parts += [f"{names[k]}={_label(v)}" for k, v in point.items()]
-                label = SAFE.sub("_", "-".join(parts))
-                settings = {**{k: v for k, v in variant.items() if k != "name"}, **point}
-                sources = {k: (f"variants[{variant['name']}]" if k not in point else "grid") for k in settings}
-                runs.append(Run(len(runs), f"{label}-seed{seed}", label, settings, sources, seed))
+        for budget in sweep.budgets or [None]:
+            for family, settings, sources in _families(sweep.grid, sweep.variants):
+                label = family if budget is None else f"{family}-budget{budget_label(budget)}"
+                runs.append(Run(len(runs), f"{label}-seed{seed}", label, settings, sources, seed, budget, family))
     ids = [r.run_id for r in runs]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise SweepError(f"{sweep.file}: grid: two runs would share the id {dup!r} (values that print alike)")
     return runs
+
+
+def _families(grid: dict[str, list], variants: list[dict]) -> list[tuple[str, dict[str, Any], dict[str, str]]]:
+    """Every variant × grid point: (its label, e.g. ``causal-patch_size=2``; its settings; the section each setting
+    came from), in run order."""
+    names = _short_names(list(grid))
+    points = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+    out = []
+    for variant in variants or [{"name": ""}]:
+        for point in points:
+            parts = [variant["name"]] if variant["name"] else []
+            parts += [f"{names[k]}={_label(v)}" for k, v in point.items()]
+            settings = {**{k: v for k, v in variant.items() if k != "name"}, **point}
+            sources = {k: (f"variants[{variant['name']}]" if k not in point else "grid") for k in settings}
+            out.append((SAFE.sub("_", "-".join(parts)), settings, sources))
+    return out
+
+
+def budget_label(flops: float) -> str:
+    """A budget as it appears in a run id: ``2e12``, ``1.5e9`` (up to 6 significant digits)."""
+    mantissa, exponent = f"{flops:.5e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def _short_names(keys: list[str]) -> dict[str, str]:
@@ -286,19 +379,24 @@ def fit_args(sweep: Sweep, run: Run, out: str | Path, ckpt_path: Path | None = N
 
 
 def _pinned_args(sweep: Sweep, run: Run, out: str | Path) -> list[str]:
-    """What the runner sets on every run: the seeds, the logger and the FLOPs callback."""
+    """What the runner sets on every run: the seeds, the logger, the FLOPs callback and the run's budget."""
     # save_dir/name/version = <out>/<name>/runs/<run_id>: the run directory never depends on what exists.
     logger = {"class_path": LOGGER, "init_args": {"save_dir": str(sweep_dir(out, sweep)), "name": "runs",
                                                   "version": run.run_id}}
-    return [f"--seed_everything={run.seed}", f"--model.init_args.seed={run.seed}",
+    args = [f"--seed_everything={run.seed}", f"--model.init_args.seed={run.seed}",
             f"--trainer.logger={json.dumps(logger)}", f"--trainer.callbacks+={FLOPS_CALLBACK}"]
+    if run.budget is not None:
+        budget = {"class_path": BUDGET_CALLBACK, "init_args": {"flops": run.budget}}
+        args.append(f"--trainer.callbacks+={json.dumps(budget)}")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------- checking
 def validate(sweep: Sweep, runs: list[Run], out: str | Path) -> None:
     """Parse the runs' full argument lists with the Transfusion parser (nothing is built); on an error, find
-    the setting that causes it and name it. Runs that differ only in their seed parse alike, so each variant
-    (grid point) is parsed once, with its first seed. Also refuse a run directory made with other settings."""
+    the setting that causes it and name it. Runs that differ only in their seed or budget parse alike (budgets are
+    checked on loading), so each family (variant and grid point) is parsed once, with its first seed and budget.
+    Also refuse a run directory made with other settings."""
     from argparse import ArgumentError
 
     parser = _parser()
@@ -307,7 +405,7 @@ def validate(sweep: Sweep, runs: list[Run], out: str | Path) -> None:
     pinned = _pinned_args(sweep, Run(0, "check", "check", {}, {}, 0), out)
     firsts: dict[str, Run] = {}
     for run in runs:
-        firsts.setdefault(run.variant, run)
+        firsts.setdefault(run.family or run.variant, run)
     for run in firsts.values():
         if not (error := parse(fit_args(sweep, run, out))):
             continue
@@ -366,7 +464,8 @@ def _check_same_settings(sweep: Sweep, run: Run, out: str | Path) -> None:
     info = run_dir(out, sweep, run) / "run.json"
     if info.is_file():
         before = json.loads(info.read_text())
-        now = {"base": sweep.base, "overrides": sweep.overrides, "settings": run.settings, "seed": run.seed}
+        now = {"base": sweep.base, "overrides": sweep.overrides, "settings": run.settings, "seed": run.seed,
+               "budget": run.budget}
         if any(before.get(k) != v for k, v in now.items()):
             raise SweepError(f"{sweep.file}: run {run.run_id}: {info.parent} was made with other settings; "
                              f"give the sweep another name or --out, or remove that directory")
@@ -396,8 +495,9 @@ def run_one(sweep: Sweep, run: Run, out: str | Path, threads: int, cwd: str | Pa
     ckpt = last if last.is_file() else None
     command = [sys.executable, "-m", "lit_transfusion", *fit_args(sweep, run, out, ckpt)]
     info = {"sweep": sweep.name, "index": run.index, "run_id": run.run_id, "variant": run.variant,
-            "settings": run.settings, "seed": run.seed, "metrics": sweep.metrics, "base": sweep.base,
-            "overrides": sweep.overrides, "args": fit_args(sweep, run, out)}
+            "family": run.family, "budget": run.budget, "settings": run.settings, "seed": run.seed,
+            "metrics": sweep.metrics, "compare": sweep.compare, "base": sweep.base, "overrides": sweep.overrides,
+            "args": fit_args(sweep, run, out)}
     (directory / "run.json").write_text(json.dumps(info, indent=2))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     (directory / "command.txt").write_text(f"cd {shlex.quote(str(cwd))} && OMP_NUM_THREADS={threads} "
@@ -594,7 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, help="local runs at a time (default: the file's parallel, else 1)")
     p.add_argument("--dry-run", action="store_true", help="check the file, list the runs and exit")
     p.add_argument("--only", type=int, nargs="+", metavar="I", help="run only these run indices (--dry-run lists them)")
-    p.add_argument("--collect", metavar="DIR", help="rebuild results.csv/.md and curves.png of <out>/<name>")
+    p.add_argument("--collect", metavar="DIR", help="rebuild results.csv/.md and curves.png (and equal_flops.md/.png "
+                                                    "with compare:) of <out>/<name>")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--slurm", action="store_true", help="submit a SLURM job array with submitit")
     where.add_argument("--sbatch", action="store_true", help="write <out>/<name>/sweep.sbatch and print how to "
@@ -645,7 +746,8 @@ def _sweep(args: argparse.Namespace) -> None:
     if args.dry_run:
         for run in runs:
             settings = " ".join(f"{k}={cli_value(v)}" for k, v in run.settings.items())
-            print(f"{run.index:4d}  {run.run_id}  {settings} seed={run.seed}".rstrip())
+            budget = "" if run.budget is None else f" budget={run.budget:.4g}"
+            print(f"{run.index:4d}  {run.run_id}  {settings}{budget} seed={run.seed}".rstrip())
         print(f"{len(runs)} runs -> {sweep_dir(args.out, sweep)}")
         return
     if args.sbatch:
@@ -660,4 +762,4 @@ def _sweep(args: argparse.Namespace) -> None:
         return
     run_local(sweep, runs, args.out, parallel)
     if args.only is None:  # one run of an array does not own the sweep's tables
-        collect(sweep_dir(args.out, sweep), verbose=True)
+        collect(sweep_dir(args.out, sweep), verbose=True, compare=sweep.compare)

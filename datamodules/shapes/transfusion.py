@@ -7,8 +7,11 @@ Documents (one per sample, several packed per row):
 - text only          ``<bos> scene description <eos>`` (fraction ``text_ratio`` of documents)
 
 Images are rendered once, encoded once with the frozen VAE, and the latents cached on disk; captions are
-re-phrased per draw (several templates per task family). Validation has two loaders: packed rows for the
-losses, and caption->image pairs with true and with shuffled captions for ``val/cond_gap``.
+re-phrased per draw (several templates per task family). With ``image_tokens: codes`` (the Chameleon-style
+baseline) the same documents hold each image as ``<boi> c_1 .. c_P <eoi>``: the codes of a frozen VQ tokenizer,
+as text ids after the text vocabulary (``special_ids["first_code"]``), trained with the LM loss like any text.
+Validation has two loaders: packed rows for the losses, and caption->image pairs with true and with shuffled
+captions for ``val/cond_gap``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import numpy as np
@@ -24,9 +28,21 @@ from jsonargparse.typing import ClosedUnitInterval, PositiveInt
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.shapes.world import FAMILIES, Item, Prompt, Scene, ShapesWorld, caption, sample_prompt, scene_caption
-from lit_transfusion.batch import CaptionPairs, Document, Image, Text, document_length, pack_pairs, pack_rows
+from lit_transfusion.batch import (
+    CaptionPairs,
+    Document,
+    Image,
+    Segment,
+    SpecialIds,
+    Text,
+    document_length,
+    pack_pairs,
+    pack_rows,
+)
+from lit_transfusion.chameleon_sampler import code_segment
 from lit_transfusion.tokenizer import TextTokenizer
 from lit_transfusion.vae import LatentCodec, images_to_tensor, vae_latent_shape
+from lit_transfusion.vq import CodeCodec, vq_code_shape, vq_codebook_size
 
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 _CACHE_VERSION = 3  # bump when the cache layout changes
@@ -61,6 +77,10 @@ class ShapesDataModule(L.LightningDataModule):
         cond_gap_pairs: validation caption->image pairs for ``val/cond_gap``.
         num_workers: DataLoader workers.
         families: GenEval task families the image prompts are drawn from (default: all six).
+        image_tokens: "latents" (Transfusion: continuous VAE latents, diffused) or "codes" (the Chameleon-style
+            baseline, ``lit_transfusion.chameleon.ChameleonModule``: discrete VQ codes in the vocabulary, one code per
+            position, so ``model.patch_size`` must be 1).
+        vq_path: the VQ tokenizer directory (``configs/shapes/vq.yaml``) used when ``image_tokens`` is "codes".
     """
 
     def __init__(
@@ -87,6 +107,8 @@ class ShapesDataModule(L.LightningDataModule):
         cond_gap_pairs: PositiveInt = 256,
         num_workers: int = 0,
         families: tuple[str, ...] = FAMILIES,
+        image_tokens: Literal["latents", "codes"] = "latents",
+        vq_path: str = "datamodules/shapes/pretrained_vq",
     ):
         super().__init__()
         # Not merged into the logger's hparams: the module has a `seed` too (its noise stream) and Lightning refuses
@@ -96,10 +118,25 @@ class ShapesDataModule(L.LightningDataModule):
             self.world = ShapesWorld(seed=seed, image_size=image_size, families=families)
         except ValueError as e:
             raise ValueError(f"data.{e}") from None
-        try:
-            self.latent_shape: tuple[int, int, int] = tuple(vae_latent_shape(vae_path, image_size))
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"data.vae_path: {e}") from None
+        if image_tokens not in ("latents", "codes"):
+            raise ValueError(f"data.image_tokens={image_tokens!r}: expected 'latents' or 'codes'")
+        self.codebook_size = 0
+        if image_tokens == "codes":
+            try:
+                h, w = vq_code_shape(vq_path, image_size)
+                self.codebook_size = vq_codebook_size(vq_path)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"data.vq_path: {e}") from None
+            # The "latent" of an image is its code grid; the model reads its shape to decode P = h·w codes.
+            self.latent_shape: tuple[int, int, int] = (1, h, w)
+            if patch_size != 1:
+                raise ValueError(f"model.patch_size={patch_size}: data.image_tokens='codes' puts one code per "
+                                 "position; set patch_size: 1")
+        else:
+            try:
+                self.latent_shape = tuple(vae_latent_shape(vae_path, image_size))
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"data.vae_path: {e}") from None
         C, h, w = self.latent_shape
         if h % patch_size or w % patch_size:
             raise ValueError(
@@ -121,11 +158,34 @@ class ShapesDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------------- what the model is linked to
     @property
     def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
+        """Text ids, then (``image_tokens: codes``) the image codes."""
+        return self.tokenizer.vocab_size + self.codebook_size
 
     @property
     def special_ids(self) -> dict[str, int]:
-        return vars(self.tokenizer.special).copy()
+        ids = vars(self.tokenizer.special).copy()
+        ids.pop("first_code", None)
+        if self.hparams.image_tokens == "codes":
+            ids["first_code"] = self.tokenizer.vocab_size
+        return ids
+
+    @property
+    def codes(self) -> bool:
+        """Are images discrete codes (``image_tokens: codes``)?"""
+        return self.hparams.image_tokens == "codes"
+
+    def image_codec(self):
+        """The frozen codec between pixels and this data's images: ``LatentCodec`` (VAE) or ``CodeCodec`` (VQ)."""
+        if self.codes:
+            return CodeCodec.from_dir(self.hparams.vq_path)
+        return LatentCodec.from_dir(self.hparams.vae_path)
+
+    def image_segment(self, latent: torch.Tensor, t_max: int = 1000) -> Segment:
+        """An image (its latent [C, h, w], or its codes [1, h, w]) as a document segment: an ``Image`` to diffuse, or
+        the text run ``<boi> codes <eoi>`` of the discrete-token baseline (``t_max`` then means nothing)."""
+        if self.codes:
+            return code_segment(latent, SpecialIds(**self.special_ids))
+        return Image(latent, t_max=t_max)
 
     # ------------------------------------------------------------------------------------------- caches
     def _train_tokenizer(self) -> TextTokenizer:
@@ -140,11 +200,13 @@ class ShapesDataModule(L.LightningDataModule):
 
     def _cache_path(self, split: str, n: int) -> Path:
         hp = self.hparams
-        weights = sorted(Path(hp.vae_path).glob("*.safetensors")) + sorted(Path(hp.vae_path).glob("config.json"))
+        codec_dir = Path(hp.vq_path if self.codes else hp.vae_path)
+        weights = sorted(codec_dir.glob("*.safetensors")) + sorted(codec_dir.glob("config.json"))
         digest = hashlib.sha1()
         for f in weights:
             digest.update(f.read_bytes())
-        key = f"v{_CACHE_VERSION}-{split}-n{n}-seed{hp.seed}-px{hp.image_size}-vae{digest.hexdigest()[:10]}"
+        kind = "vq" if self.codes else "vae"
+        key = f"v{_CACHE_VERSION}-{split}-n{n}-seed{hp.seed}-px{hp.image_size}-{kind}{digest.hexdigest()[:10]}"
         if tuple(self.world.families) != FAMILIES:
             key += "-" + "+".join(self.world.families)
         return Path(hp.data_dir) / f"latents-{key}.pt"
@@ -159,13 +221,15 @@ class ShapesDataModule(L.LightningDataModule):
             path = self._cache_path(split, self._split_size(split))
             if path.is_file():
                 continue
-            codec = codec or LatentCodec.from_dir(self.hparams.vae_path)
+            codec = codec or self.image_codec()
             samples = [self.world.sample(split, i) for i in range(self._split_size(split))]
             latents = codec.encode(images_to_tensor(np.stack([s.image for s in samples])))
+            # Codes [N, h, w] long -> [N, 1, h, w], so a "latent" is [C, h, w] in both modes.
+            latents = latents[:, None].long() if self.codes else latents.float()
             path.parent.mkdir(parents=True, exist_ok=True)
             # Prompts (not pixels) are kept: documents re-phrase the caption at every draw.
             torch.save({
-                "latents": latents.float().contiguous(),
+                "latents": latents.contiguous(),
                 "prompts": [s.prompt for s in samples],
                 "scenes": [s.scene for s in samples],
             }, path)
@@ -202,10 +266,10 @@ class ShapesDataModule(L.LightningDataModule):
         latent = self.latents[split][index]
         ids = self.caption_ids(split, index, rng, full=not train_layouts)
         if train_layouts and rng.random() < hp.image_first_ratio:
-            return [Text([sp.bos]), Image(latent, t_max=hp.noise_limit), Text(ids + [sp.eos])]
+            return [Text([sp.bos]), self.image_segment(latent, t_max=hp.noise_limit), Text(ids + [sp.eos])]
         if train_layouts and rng.random() < hp.caption_dropout:
-            return [Text([sp.bos], loss=False), Image(latent), Text([sp.eos])]
-        return [Text([sp.bos] + ids), Image(latent), Text([sp.eos])]
+            return [Text([sp.bos], loss=False), self.image_segment(latent), Text([sp.eos])]
+        return [Text([sp.bos] + ids), self.image_segment(latent), Text([sp.eos])]
 
     def text_document(self, split: str, index: int) -> Document:
         sp = self.tokenizer.special
