@@ -34,9 +34,8 @@ def export(ckpt_path: str, out: str) -> Path:
     """
     from safetensors.torch import save_file
 
-    from lit_transfusion.sample import load_run
-
     from lit_transfusion.module import TransfusionModule
+    from lit_transfusion.sample import load_run
 
     module, tokenizer, codec, image_size = load_run(ckpt_path)
     if type(module) is not TransfusionModule:

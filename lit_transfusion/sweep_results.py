@@ -181,7 +181,7 @@ def write_csv(runs: list[dict], path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(columns)
         for r in runs:
-            row = [r["run_id"], r["variant"], *(json.dumps(r["settings"][k]) if isinstance(r["settings"].get(k),
+            row = [*(r[c] for c in RUN_COLUMNS), *(json.dumps(r["settings"][k]) if isinstance(r["settings"].get(k),
                    (list, dict)) else r["settings"].get(k) for k in settings)]
             row += [r[c] for c in STAT_COLUMNS]
             row += [r["final"].get(m) for m in names] + [r["best"].get(m) for m in names]

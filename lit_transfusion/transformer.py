@@ -127,8 +127,10 @@ class Attention(nn.Module):
         if not self.qk_norm:
             return qkv
         q, k, v = qkv.unbind(-3)
-        # Back to v's dtype: under autocast the norm may compute in float32, and the KV cache keeps one dtype.
-        return torch.stack([self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype), v], dim=-3)
+        # The norm in its weight's dtype (float32 under autocast, where the projection gave bf16: a fused kernel and
+        # full precision), then back to v's, as the KV cache keeps one dtype.
+        dtype = self.q_norm.weight.dtype
+        return torch.stack([self.q_norm(q.to(dtype)).to(v.dtype), self.k_norm(k.to(dtype)).to(v.dtype), v], dim=-3)
 
     def forward(self, x: Tensor, rope: Tensor, mask, past: KV | None = None) -> tuple[Tensor, KV]:
         """x: [B, L, D]; mask: dense bool [B, 1, L, Lpast+L] or a flex BlockMask; past: cached keys/values

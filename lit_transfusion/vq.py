@@ -107,7 +107,8 @@ class VQModule(LightningModule):
     last check is moved onto an encoder output of the current batch, drawn with
     probability proportional to its squared distance to its nearest code (k-means++ seeding: new codes go where
     the codebook fits worst, not onto the flat backgrounds that one code already serves). The count is logged as
-    ``train/codes_restarted`` (per check) and ``train/codes_restarted_total``.
+    ``train/codes_restarted`` (per check) and ``train/codes_restarted_total`` (the first-step initialisation
+    included, so it starts near ``num_vq_embeddings``).
 
     Args:
         image_size: Side of the square training images (pixels).
@@ -155,6 +156,7 @@ class VQModule(LightningModule):
         self.register_buffer("restarts_total", torch.zeros((), dtype=torch.long))
         self._val_counts: torch.Tensor | None = None  # [K] code counts over the current validation epoch
         self._batch_latents: torch.Tensor | None = None  # [B*h*w, D] encoder outputs of the current batch
+        self._restarted_at = -1  # global step of the last restart check
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x: [B, 3, H, W] -> recon and quantizer losses (scalars), codes [B, h, w], encoder outputs
@@ -175,8 +177,11 @@ class VQModule(LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        every = self.hparams.restart_every
-        if every and (self.global_step % every == 0 or self.global_step == 1) and self._batch_latents is not None:
+        every, step = self.hparams.restart_every, self.global_step
+        # Once per optimizer step: with gradient accumulation several batches end on the same global_step.
+        due = every and (step % every == 0 or step == 1) and step != self._restarted_at
+        if due and self._batch_latents is not None:
+            self._restarted_at = step
             restarted = self.restart_dead_codes(self._batch_latents)
             self.log("train/codes_restarted", float(restarted))
             self.log("train/codes_restarted_total", self.restarts_total.float())

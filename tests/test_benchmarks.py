@@ -40,3 +40,9 @@ def test_train_step_benchmark(tmp_path):
 def test_generation_benchmark():
     out = run("benchmarks/generation.py", "--quick")
     assert "speed-up" in out and "tokens/s" in out
+
+
+@pytest.mark.slow
+def test_mot_benchmark():
+    out = run("benchmarks/mot.py", "--sizes", "nano", "--steps", "1", "--rows", "2", "--seq_len", "64", "--threads", "1")
+    assert "MoT/dense" in out and "MFLOP/position" in out

@@ -200,3 +200,13 @@ def test_from_size_overrides_and_rejects_unknown_settings():
         ModelConfig.from_size("huge", vocab_size=9, latent_shape=(4, 8, 8))
     with pytest.raises(ValueError, match="widht"):
         ModelConfig.from_size("tiny", vocab_size=9, latent_shape=(4, 8, 8), widht=3)
+
+
+def test_dense_backbone_parameter_names_are_unchanged():
+    """Checkpoints of earlier runs keep loading: without MoT or QK-norm the backbone's names are exactly these."""
+    cfg = ModelConfig.from_size("nano", vocab_size=8, latent_shape=(4, 4, 4))
+    keys = [k for k in TransfusionModel(cfg).state_dict() if k.startswith("transformer.")]
+    per_block = ["attn_norm.weight", "attn.wqkv.weight", "attn.wo.weight", "ffn_norm.weight", "ffn.w13.weight",
+                 "ffn.w2.weight"]
+    blocks = [f"transformer.blocks.{i}.{name}" for i in range(2) for name in per_block]
+    assert keys == [*blocks, "transformer.norm.weight"]

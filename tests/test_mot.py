@@ -201,9 +201,11 @@ def mot_module(**kw) -> TransfusionModule:
                              max_seq_len=64, mot=True, **kw)
 
 
-@pytest.mark.parametrize("kind", ["text_only", "image_only", "mixed"])
-def test_every_parameter_gets_a_gradient(kind):
-    m = randomize_output_heads(mot_module())  # else the zero-initialised noise head cuts the image gradient
+@pytest.mark.parametrize(("kind", "patcher"), [("text_only", "linear"), ("image_only", "linear"), ("mixed", "linear"),
+                                               ("text_only", "unet"), ("mixed", "unet")])
+def test_every_parameter_gets_a_gradient(kind, patcher):
+    m = randomize_output_heads(mot_module(patcher=patcher))  # else the zero-initialised noise head cuts the image
+    # gradient off
     batch = {"text_only": text_batch(), "mixed": mixed_batch(),
              "image_only": pack_rows([[[Image(latent(1))], [Image(latent(2))]]], 12, 2, SPECIAL)}[kind]
     m.losses(batch, generator=torch.Generator().manual_seed(0))["loss"].backward()

@@ -151,7 +151,8 @@ def test_every_shipped_sweep_file_is_valid(path, tmp_path):
     sweep = load_sweep(path.relative_to(ROOT))
     runs = expand(sweep)
     validate(sweep, runs, tmp_path)
-    assert len(runs) == len(sweep.seeds) * max(len(sweep.variants), 1) * math.prod(map(len, sweep.grid.values()))
+    assert len(runs) == (len(sweep.seeds) * max(len(sweep.variants), 1) * math.prod(map(len, sweep.grid.values()))
+                         * max(len(sweep.budgets), 1))
 
 
 def test_dry_run_lists_the_runs_and_starts_none(tmp_path, capsys):

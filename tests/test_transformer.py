@@ -1,7 +1,7 @@
 import torch
 
 from lit_transfusion.attention import dense_mask
-from lit_transfusion.transformer import Transformer, TransformerConfig, apply_rope, rope_table
+from lit_transfusion.transformer import Block, Routing, Transformer, TransformerConfig, apply_rope, rope_table
 
 
 def test_rope_scores_depend_only_on_relative_position():
@@ -59,3 +59,23 @@ def test_cpu_bf16_autocast_matches_fp32_and_keeps_the_mask():
     assert err < 2e-2, err
     torch.testing.assert_close(out2[:, :12], out[:, :12], rtol=0, atol=0)
     assert not torch.equal(out2[:, 12:], out[:, 12:])
+
+
+def test_block_takes_a_modality_tensor_or_its_routing():
+    """A Mixture-of-Transformers block gives the same result from a [B, L] modality tensor as from its Routing (the
+    Transformer computes one per forward); a dense block ignores the modality."""
+    torch.manual_seed(0)
+    cfg = TransformerConfig(dim=32, n_layers=1, n_heads=2, max_seq_len=16)
+    B, L = 2, 9
+    x = torch.randn(B, L, 32)
+    rope = Transformer(cfg).rope[torch.arange(L).expand(B, L)]
+    mask = dense_mask(torch.zeros(B, L, dtype=torch.long), torch.full((B, L), -1))
+    modality = (torch.arange(L) % 3 == 0).long().expand(B, L)
+    mot = Block(TransformerConfig(dim=32, n_layers=1, n_heads=2, max_seq_len=16, modalities=2))
+    a, kv_a = mot(x, rope, mask, modality=modality)
+    b, kv_b = mot(x, rope, mask, modality=Routing(modality, 2, x.shape))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(kv_a, kv_b, rtol=0, atol=0)
+    assert not torch.allclose(a, mot(x, rope, mask)[0])  # None = every position through tower 0
+    dense = Block(cfg)
+    torch.testing.assert_close(dense(x, rope, mask, modality=modality)[0], dense(x, rope, mask)[0], rtol=0, atol=0)
