@@ -1,5 +1,5 @@
 """Equal-compute comparisons: compute budgets (``callbacks.flops.FlopsBudget``, a sweep's ``budgets:``) and the
-power-law "FLOP ratio to match" (``sweep_results.fit_power_law`` / ``parity_ratio``, a sweep's ``compare:``).
+power-law "FLOP ratio to match" (``equal_flops.fit_power_law`` / ``parity_ratio``, a sweep's ``compare:``).
 
 The fast tests check the fit and the ratio on synthetic power laws with known answers, the budget arithmetic, the
 probe on the real shapes datamodule, the sweep file checks and the runs a budget sweep expands to. The slow ones
@@ -25,9 +25,10 @@ import torch
 import yaml
 
 from callbacks.flops import FlopsBudget, probe_positions
+from lit_transfusion import equal_flops as equal_flops_module
 from lit_transfusion import sweep_results
+from lit_transfusion.equal_flops import Parity, PowerLaw, equal_flops, fit_power_law, parity_ratio
 from lit_transfusion.sweep import BUDGET_CALLBACK, FLOPS_CALLBACK, _parser, expand, fit_args, load_sweep, main
-from lit_transfusion.sweep_results import Parity, PowerLaw, equal_flops, fit_power_law, parity_ratio
 from tests.conftest import ROOT, run_cli
 
 EQUAL = ROOT / "configs" / "sweeps" / "equal_flops_test.yaml"
@@ -143,7 +144,7 @@ def test_equal_flops_tables_ratios_and_reasons(tmp_path):
     assert analysis["fits"]["val/cond_gap"]["good"].startswith("fewer than 2 budgets")
 
     path = tmp_path / "equal_flops.md"
-    sweep_results.write_equal_flops_markdown(analysis, path, title="t")
+    equal_flops_module.write_equal_flops_markdown(analysis, path, title="t")
     text = path.read_text()
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in text.splitlines()
             if line.startswith("| ")}
@@ -157,7 +158,7 @@ def test_equal_flops_tables_ratios_and_reasons(tmp_path):
     assert "| n/a | fewer than 2 budgets with val/loss (1 run(s)) |" in rows[("val/loss ↓", "lone")]
     assert "C* = 4e+09" in text and "⚠" not in rows[("val/loss ↓", "good")]
     assert "1.6e+10" not in text  # the failed run
-    sweep_results.write_equal_flops_figure(analysis, tmp_path / "equal_flops.png")
+    equal_flops_module.write_equal_flops_figure(analysis, tmp_path / "equal_flops.png")
     assert (tmp_path / "equal_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
