@@ -104,11 +104,11 @@ class VQModule(LightningModule):
     no encoder output picks gets no gradient, so it stays dead for good; with the codebook initialised near 0
     (uniform in ``±1/K``) nearly every code starts dead. After the first optimizer step (a data-dependent
     initialisation) and then every ``restart_every`` steps, each code chosen by no training position since the
-    last check is moved onto an encoder output of the current batch, drawn with
-    probability proportional to its squared distance to its nearest code (k-means++ seeding: new codes go where
-    the codebook fits worst, not onto the flat backgrounds that one code already serves). The count is logged as
-    ``train/codes_restarted`` (per check) and ``train/codes_restarted_total`` (the first-step initialisation
-    included, so it starts near ``num_vq_embeddings``).
+    last check is moved onto an encoder output of the current batch, drawn with probability proportional to its
+    squared distance to its nearest code (k-means++ seeding: new codes go where the codebook fits worst, not onto
+    the flat backgrounds that one code already serves). The count is logged as ``train/codes_restarted`` (at the
+    latest check) and ``train/codes_restarted_total`` (the first-step initialisation included, so it starts near
+    ``num_vq_embeddings``).
 
     Args:
         image_size: Side of the square training images (pixels).

@@ -44,5 +44,6 @@ def test_generation_benchmark():
 
 @pytest.mark.slow
 def test_mot_benchmark():
-    out = run("benchmarks/mot.py", "--sizes", "nano", "--steps", "1", "--rows", "2", "--seq_len", "64", "--threads", "1")
+    out = run("benchmarks/mot.py", "--sizes", "nano", "--steps", "1", "--rows", "2", "--seq_len", "64",
+              "--threads", "1")
     assert "MoT/dense" in out and "MFLOP/position" in out
