@@ -15,6 +15,7 @@ Conventions: images are float ``[N, 3, H, W]`` in ``[-1, 1]``; latents are ``[N,
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -198,26 +199,44 @@ class VAEModule(LightningModule):
 
 
 # ----------------------------------------------------------------------------- frozen codec for Transfusion
-def _missing(path: Path, what: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"VAE directory {str(path)!r} {what}. Expected a VAE directory written by "
-        "`python -m lit_transfusion vae fit --config configs/shapes/vae.yaml` "
-        "(or any diffusers AutoencoderKL directory with config.json and diffusion_pytorch_model.safetensors)."
-    )
+@dataclass(frozen=True)
+class ModelDir:
+    """A kind of diffusers model directory a frozen codec loads (this VAE, ``vq.py``'s tokenizer): its name in error
+    messages, the project command that writes one, and its diffusers class."""
+
+    name: str
+    command: str
+    diffusers_class: str
+
+    def missing(self, path: Path, what: str) -> FileNotFoundError:
+        return FileNotFoundError(
+            f"{self.name} {str(path)!r} {what}. Expected a directory written by `python -m lit_transfusion "
+            f"{self.command}` (or any diffusers {self.diffusers_class} directory with config.json and "
+            f"{_WEIGHTS[0]})."
+        )
+
+    def read_config(self, path: str | Path) -> dict:
+        """``config.json`` of the directory (a clear FileNotFoundError when it or the file is missing)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise self.missing(path, "does not exist")
+        if not (path / _CONFIG).is_file():
+            raise self.missing(path, f"has no {_CONFIG}")
+        return json.loads((path / _CONFIG).read_text())
+
+    def check_weights(self, path: str | Path) -> None:
+        path = Path(path)
+        self.read_config(path)
+        if not any((path / w).is_file() for w in _WEIGHTS):
+            raise self.missing(path, f"has no weights ({_WEIGHTS[0]})")
 
 
-def _read_config(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_dir():
-        raise _missing(path, "does not exist")
-    if not (path / _CONFIG).is_file():
-        raise _missing(path, f"has no {_CONFIG}")
-    return json.loads((path / _CONFIG).read_text())
+VAE_DIR = ModelDir("VAE directory", "vae fit --config configs/shapes/vae.yaml", "AutoencoderKL")
 
 
 def vae_latent_shape(path: str | Path, image_size: int) -> tuple[int, int, int]:
     """``(C, h, w)`` of the latents of ``image_size`` images, read from ``config.json`` only (cheap)."""
-    cfg = _read_config(path)
+    cfg = VAE_DIR.read_config(path)
     f = 2 ** (len(cfg["block_out_channels"]) - 1)
     return (int(cfg["latent_channels"]), image_size // f, image_size // f)
 
@@ -240,10 +259,7 @@ class LatentCodec(torch.nn.Module):
 
     @classmethod
     def from_dir(cls, path: str | Path) -> LatentCodec:
-        path = Path(path)
-        _read_config(path)
-        if not any((path / w).is_file() for w in _WEIGHTS):
-            raise _missing(path, f"has no weights ({_WEIGHTS[0]})")
+        VAE_DIR.check_weights(path)
         return cls(AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=False))  # no `accelerate` warning
 
     def train(self, mode: bool = True) -> LatentCodec:

@@ -25,10 +25,8 @@ from diffusers import VQModel
 from lightning.pytorch import LightningModule
 
 from lit_transfusion.schedule import WarmupCosine, training_timer
-from lit_transfusion.vae import psnr
+from lit_transfusion.vae import ModelDir, psnr
 
-_CONFIG = "config.json"
-_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 STATS_FILE = "tokenizer_stats.json"
 BETA = 0.25  # commitment weight of the VQ-VAE paper (van den Oord et al. 2017)
 
@@ -300,24 +298,14 @@ def code_usage(counts: torch.Tensor) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------- frozen codec for the baseline
-def _missing(path: Path, what: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"VQ tokenizer directory {str(path)!r} {what}. Expected a directory written by "
-        "`python -m lit_transfusion vq fit --config configs/shapes/vq.yaml` "
-        "(or any diffusers VQModel directory with config.json and diffusion_pytorch_model.safetensors)."
-    )
+VQ_DIR = ModelDir("VQ tokenizer directory", "vq fit --config configs/shapes/vq.yaml", "VQModel")
 
 
 def _read_config(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_dir():
-        raise _missing(path, "does not exist")
-    if not (path / _CONFIG).is_file():
-        raise _missing(path, f"has no {_CONFIG}")
-    cfg = json.loads((path / _CONFIG).read_text())
+    cfg = VQ_DIR.read_config(path)
     if cfg.get("_class_name") != "VQModel":
         raise ValueError(
-            f"{str(path / _CONFIG)!r} describes a {cfg.get('_class_name')!r}, expected a 'VQModel' "
+            f"{str(Path(path) / 'config.json')!r} describes a {cfg.get('_class_name')!r}, expected a 'VQModel' "
             "(a continuous VAE directory is loaded with lit_transfusion.vae.LatentCodec instead)."
         )
     return cfg
@@ -343,10 +331,8 @@ class CodeCodec(torch.nn.Module):
 
     @classmethod
     def from_dir(cls, path: str | Path) -> CodeCodec:
-        path = Path(path)
         _read_config(path)
-        if not any((path / w).is_file() for w in _WEIGHTS):
-            raise _missing(path, f"has no weights ({_WEIGHTS[0]})")
+        VQ_DIR.check_weights(path)
         return cls(VQModel.from_pretrained(str(path), low_cpu_mem_usage=False))  # no `accelerate` warning
 
     def train(self, mode: bool = True) -> CodeCodec:
