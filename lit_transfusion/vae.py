@@ -79,7 +79,36 @@ def build_autoencoder(
 
 
 # ----------------------------------------------------------------------------- training
-class VAEModule(LightningModule):
+class ExportingAutoencoder(LightningModule):
+    """What the project's autoencoder trainers (``VAEModule``, ``vq.VQModule``) share: AdamW with a linear warmup and a
+    cosine to 10 % over the planned steps or the time budget, and at the end of ``fit`` (rank 0) :meth:`export` to
+    ``hparams.export_dir`` with a one-line summary. Subclasses implement ``export(export_dir, loader) -> stats`` and
+    ``export_summary(stats) -> str``; their hparams hold ``lr``, ``weight_decay``, ``warmup_steps``, ``export_dir``."""
+
+    def export(self, export_dir: str | Path, loader) -> dict:
+        raise NotImplementedError
+
+    def export_summary(self, stats: dict) -> str:
+        raise NotImplementedError
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
+        timer = training_timer(self.trainer) if self._trainer is not None else None
+        schedule = WarmupCosine(max(1, self.hparams.warmup_steps), total, floor=0.1, time_budget=timer)
+        factor = lambda step: schedule(step)  # noqa: E731
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_dir is None or not self.trainer.is_global_zero:
+            return
+        dm = self.trainer.datamodule
+        loader = dm.val_dataloader() if dm is not None else self.trainer.val_dataloaders
+        print(self.export_summary(self.export(self.hparams.export_dir, loader)))
+
+
+class VAEModule(ExportingAutoencoder):
     """Trains an ``AutoencoderKL`` on images and exports it as a diffusers directory with latent scaling.
 
     Args:
@@ -138,15 +167,6 @@ class VAEModule(LightningModule):
         self.log("val/loss", loss, sync_dist=True)
         self.log("val/psnr", psnr(x_hat, batch), prog_bar=True, sync_dist=True)
 
-    def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
-        timer = training_timer(self.trainer) if self._trainer is not None else None
-        schedule = WarmupCosine(max(1, self.hparams.warmup_steps), total, floor=0.1, time_budget=timer)
-        factor = lambda step: schedule(step)  # noqa: E731
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
     @torch.no_grad()
     def latent_stats(self, loader, max_batches: int) -> dict:
         """Posterior-mean statistics over up to ``max_batches`` batches: overall ``mean``/``std`` (floats),
@@ -185,17 +205,11 @@ class VAEModule(LightningModule):
         self.vae.save_pretrained(str(export_dir))
         return stats
 
-    def on_fit_end(self) -> None:
-        if self.hparams.export_dir is None or not self.trainer.is_global_zero:
-            return
-        dm = self.trainer.datamodule
-        loader = dm.val_dataloader() if dm is not None else self.trainer.val_dataloaders
-        stats = self.export(self.hparams.export_dir, loader)
-        print(
-            f"VAE exported to {self.hparams.export_dir}: val PSNR {stats['psnr']:.2f} dB, latent mean "
-            f"{stats['mean']:.4f}, std {stats['std']:.4f}, "
-            f"per-channel std {[round(v, 3) for v in stats['channel_std']]}"
-        )
+    def export_summary(self, stats: dict) -> str:
+        return (f"VAE exported to {self.hparams.export_dir}: val PSNR {stats['psnr']:.2f} dB, latent mean "
+                f"{stats['mean']:.4f}, std {stats['std']:.4f}, "
+                f"per-channel std {[round(v, 3) for v in stats['channel_std']]}")
+
 
 
 # ----------------------------------------------------------------------------- frozen codec for Transfusion

@@ -22,10 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import VQModel
-from lightning.pytorch import LightningModule
 
-from lit_transfusion.schedule import WarmupCosine, training_timer
-from lit_transfusion.vae import ModelDir, psnr
+from lit_transfusion.vae import ExportingAutoencoder, ModelDir, psnr
 
 STATS_FILE = "tokenizer_stats.json"
 BETA = 0.25  # commitment weight of the VQ-VAE paper (van den Oord et al. 2017)
@@ -92,7 +90,7 @@ def quantize(vq: VQModel, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 # ----------------------------------------------------------------------------- training
-class VQModule(LightningModule):
+class VQModule(ExportingAutoencoder):
     """Trains a ``VQModel`` on images and exports it as a diffusers directory with ``tokenizer_stats.json``.
 
     Loss: ``L1 + MSE`` reconstruction (as ``VAEModule``) ``+ quantizer_weight *`` the quantizer's
@@ -231,15 +229,6 @@ class VQModule(LightningModule):
         usage, perplexity = code_usage(counts)
         self.log_dict({"val/codebook_usage": usage, "val/code_perplexity": perplexity}, prog_bar=True)
 
-    def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
-        timer = training_timer(self.trainer) if self._trainer is not None else None
-        schedule = WarmupCosine(max(1, self.hparams.warmup_steps), total, floor=0.1, time_budget=timer)
-        factor = lambda step: schedule(step)  # noqa: E731
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
     @torch.no_grad()
     def code_stats(self, loader, max_batches: int) -> dict:
         """Over up to ``max_batches`` batches: reconstruction ``psnr`` (dB, mean over batches),
@@ -274,18 +263,11 @@ class VQModule(LightningModule):
         (Path(export_dir) / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
         return stats
 
-    def on_fit_end(self) -> None:
-        if self.hparams.export_dir is None or not self.trainer.is_global_zero:
-            return
-        dm = self.trainer.datamodule
-        loader = dm.val_dataloader() if dm is not None else self.trainer.val_dataloaders
-        stats = self.export(self.hparams.export_dir, loader)
-        print(
-            f"VQ tokenizer exported to {self.hparams.export_dir}: val PSNR {stats['psnr']:.2f} dB, codebook usage "
-            f"{stats['codebook_usage']:.3f} of {stats['codebook_size']}, code perplexity "
-            f"{stats['code_perplexity']:.1f} ({stats['images']} images), {stats['codes_restarted_total']} "
-            "codes restarted"
-        )
+    def export_summary(self, stats: dict) -> str:
+        return (f"VQ tokenizer exported to {self.hparams.export_dir}: val PSNR {stats['psnr']:.2f} dB, codebook usage "
+                f"{stats['codebook_usage']:.3f} of {stats['codebook_size']}, code perplexity "
+                f"{stats['code_perplexity']:.1f} ({stats['images']} images), {stats['codes_restarted_total']} "
+                "codes restarted")
 
 
 def code_usage(counts: torch.Tensor) -> tuple[float, float]:
