@@ -50,6 +50,24 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- model construction
+def cnn_config(image_size: int, block_out_channels, layers_per_block: int, latent_channels: int,
+               norm_num_groups: int) -> dict:
+    """The diffusers settings of the encoder/decoder CNN that the VAE and the VQ tokenizer (``vq.build_vq``) share:
+    3 -> 3 channels, one down/up block per entry of ``block_out_channels`` (downsampling ``2 ** (n - 1)``)."""
+    n = len(block_out_channels)
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        latent_channels=latent_channels,
+        norm_num_groups=norm_num_groups,
+        sample_size=image_size,
+    )
+
+
 def build_autoencoder(
     image_size: int = 32,
     block_out_channels: tuple[int, ...] | list[int] = (32, 64, 64),
@@ -61,17 +79,8 @@ def build_autoencoder(
 
     The default (32, 64, 64) maps 32x32 images to 8x8x4 latents with ≈0.9M parameters.
     """
-    n = len(block_out_channels)
     return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(block_out_channels),
-        layers_per_block=layers_per_block,
-        latent_channels=latent_channels,
-        norm_num_groups=norm_num_groups,
-        sample_size=image_size,
+        **cnn_config(image_size, block_out_channels, layers_per_block, latent_channels, norm_num_groups),
         # Placeholders until training measures the latent statistics (see VAEModule.export).
         scaling_factor=1.0,
         shift_factor=0.0,

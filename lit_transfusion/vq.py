@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import VQModel
 
-from lit_transfusion.vae import ExportingAutoencoder, ModelDir, psnr
+from lit_transfusion.vae import ExportingAutoencoder, ModelDir, cnn_config, psnr
 
 STATS_FILE = "tokenizer_stats.json"
 BETA = 0.25  # commitment weight of the VQ-VAE paper (van den Oord et al. 2017)
@@ -62,19 +62,10 @@ def build_vq(
     ``latent_channels`` to it. Narrow codebook vectors (4 numbers) keep nearest-neighbour lookup meaningful and
     more of the codebook in use than wide ones.
     """
-    n = len(block_out_channels)
     vq = VQModel(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(block_out_channels),
-        layers_per_block=layers_per_block,
-        latent_channels=latent_channels,
+        **cnn_config(image_size, block_out_channels, layers_per_block, latent_channels, norm_num_groups),
         num_vq_embeddings=num_vq_embeddings,
         vq_embed_dim=vq_embed_dim,
-        norm_num_groups=norm_num_groups,
-        sample_size=image_size,
         scaling_factor=1.0,  # unused: the baseline consumes codes, never scaled latents
     )
     return _paper_loss(vq)
