@@ -54,6 +54,25 @@ class HardwareAwareCLI(LightningCLI):
             trainer["precision"], reason = resolve_precision(None, accelerator)
             rank_zero_info(f"trainer.precision: {reason}")
 
+    def after_fit(self) -> None:
+        """The last line ``fit`` prints: the checkpoint that holds the state training ended in, and its step (the
+        one ``sample``, ``export``, ``test`` and a resumed ``fit`` should be given)."""
+        if self.trainer.is_global_zero:
+            print(final_checkpoint_line(self.trainer), flush=True)
+
+
+def final_checkpoint_line(trainer) -> str:
+    """``final checkpoint: <path> (step N)`` from the trainer's checkpoint callbacks; a checkpoint callback that
+    does not record which step its ``last.ckpt`` holds (Lightning's own ``ModelCheckpoint``) is named as such."""
+    for callback in trainer.checkpoint_callbacks:
+        path, step = getattr(callback, "last_model_path", ""), getattr(callback, "last_step", None)
+        if path and step is not None:
+            return f"final checkpoint: {path} (step {step})"
+        if path:
+            return (f"last checkpoint: {path} (training ended at step {trainer.global_step}; "
+                    f"{type(callback).__name__} may hold an earlier step: use callbacks.checkpoint.FinalCheckpoint)")
+    return f"training ended at step {trainer.global_step}; no checkpoint callback with save_last: nothing was saved"
+
 
 class TransfusionCLI(HardwareAwareCLI):
     """LightningCLI whose links carry data-derived sizes into the model at instantiation, and which builds the

@@ -306,6 +306,10 @@ class TransfusionModule(L.LightningModule):
         self._positions_seen += tokens
         # D of the paper's 6·N·D compute count; float64 would be exact, the logger keeps float32 (7 digits)
         self.log("train/positions_seen", float(self._positions_seen), batch_size=1)
+        # Lightning validates at max_steps only when it falls on val_check_interval; a stop requested at the last
+        # step makes it validate there, so a run's final metrics and its final checkpoint are of the same step.
+        if 0 < self.trainer.max_steps <= self.trainer.global_step:
+            self.trainer.should_stop = True
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["positions_seen"] = self._positions_seen

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lit_transfusion import sweep_results
@@ -277,14 +278,17 @@ def test_sweep_runs_end_to_end_and_tabulates(swept):
     for d in good:
         row, latest = rows[d.name], json.loads((d / "metrics.json").read_text())["latest"]
         flops = json.loads((d / "flops.json").read_text())
-        assert row["status"] == "finished" and int(row["steps"]) == 6
+        assert row["status"] == "finished" and int(row["steps"]) == 7
+        # the reported metrics and last.ckpt are of the same, final step (7: on neither 3-step interval)
+        last = torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert latest["step"] == last["global_step"] == 7
         assert row["model.init_args.image_loss_weight"] == ("1.0" if "lambda1" in d.name else "5.0")
         for metric in ("val/loss", "val/cond_gap", "val/loss_image"):
             assert float(row[f"final/{metric}"]) == latest[metric]  # exact: read back from metrics.json
         history = [e["val/loss"] for e in json.loads((d / "metrics.json").read_text())["history"]]
-        assert float(row["best/val/loss"]) == min(history) and len(history) == 2
+        assert float(row["best/val/loss"]) == min(history) and len(history) == 3  # steps 3, 6 and the final 7
         assert int(row["params"]) == flops["params"] > 0
-        assert int(row["flops_measured"]) == flops["flops_per_step"] * 6 == flops["flops_measured"]
+        assert int(row["flops_measured"]) == flops["flops_per_step"] * 7 == flops["flops_measured"]
         assert int(row["flops_6nd"]) == 6 * flops["params"] * flops["positions_seen"] == flops["flops_6nd"]
         assert int(row["positions_seen"]) == flops["positions_seen"] > 0
     assert rows["broken-seed0"]["status"] == "failed" and "max_steps" in rows["broken-seed0"]["error"]
@@ -295,7 +299,7 @@ def test_sweep_runs_end_to_end_and_tabulates(swept):
     png = (directory / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     curves = read_csv(directory / "curves.csv")
-    assert {(r["run_id"], r["metric"], r["step"]) for r in curves} >= {("lambda1-seed0", "val/loss", "6")}
+    assert {(r["run_id"], r["metric"], r["step"]) for r in curves} >= {("lambda1-seed0", "val/loss", "7")}
     # TensorBoard HPARAMS: one run per finished run, with its final metrics
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -355,7 +359,7 @@ def test_submitit_array_gets_one_function_per_unfinished_run(swept, tmp_path, mo
 @pytest.mark.slow
 def test_only_i_resumes_an_interrupted_run_and_touches_no_other(swept):
     """Simulate a run killed after its step-3 checkpoint (last.ckpt at step 3, no done.json): ``--only i``
-    resumes it from that checkpoint and trains steps 4..6; no other run is touched."""
+    resumes it from that checkpoint and trains steps 4..7; no other run is touched."""
     file, directory, _ = swept
     run = expand(load_sweep(file))[1]
     d = directory / "runs" / run.run_id
@@ -380,6 +384,6 @@ def test_only_i_resumes_an_interrupted_run_and_touches_no_other(swept):
     events = EventAccumulator(str(new))
     events.Reload()
     steps = [e.step + 1 for e in events.Scalars("train/positions_seen")]  # global step of each logged step
-    assert steps == [4, 5, 6]  # continued from the checkpoint's step 3, not from the start
-    assert json.loads((d / "flops.json").read_text())["step"] == 6
-    assert json.loads((d / "metrics.json").read_text())["latest"]["step"] == 6
+    assert steps == [4, 5, 6, 7]  # continued from the checkpoint's step 3, not from the start
+    assert json.loads((d / "flops.json").read_text())["step"] == 7
+    assert json.loads((d / "metrics.json").read_text())["latest"]["step"] == 7
