@@ -22,6 +22,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lit_transfusion.errors import SettingError
 from lit_transfusion.hardware import resolve_precision
 
 # Shown under the Transfusion parser's --help (a single paragraph: the help formatter reflows it).
@@ -170,8 +171,8 @@ def main(argv: list[str] | None = None) -> None:
             build_autoencoder_cli(command, rest, cli_class=_AutoencoderCommand)
         else:
             build_cli(argv, cli_class=_TransfusionCommand)
-    except (ArgumentError, _ConfigError) as e:  # both are raised before the command runs
-        print(f"error: {e if isinstance(e, _ConfigError) else _one_line(e)}", file=sys.stderr)
+    except (ArgumentError, _ConfigError, SettingError) as e:  # a setting the command cannot run with
+        print(f"error: {_one_line(e) if isinstance(e, ArgumentError) else e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -72,6 +72,9 @@ def test_prepare_four_formats_counts_layout_and_rerun(shapes_files, tmp_path, ca
     assert m["folder"].splits["train"].samples == 24 and m["folder"].splits["val"].samples == 8
     assert m["shards"].splits["train"].samples == 24 and m["shards"].splits["val"].samples == 8
     assert all(not info.skipped for info in m.values())  # the export is clean
+    # the shipped VAE was trained on shapes: it reconstructs each format's images well (~33 dB); text has none
+    assert all(m[name].vae_psnr > 28 and m[name].vae_psnr_images > 0 for name in ("folder", "shards", "docs"))
+    assert m["corpus"].vae_psnr is None
     n_lines = len((shapes_files / "text" / "train.txt").read_text().splitlines())
     assert m["corpus"].splits["train"].samples >= n_lines  # long lines become several chunks, none is lost
 
@@ -96,10 +99,13 @@ def test_prepare_four_formats_counts_layout_and_rerun(shapes_files, tmp_path, ca
     assert all(s.pixels is not None and s.pixels.shape == (1, 32, 32, 3) for s in val)
 
     capsys.readouterr()
-    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.bin")}
+    stamp = {p: p.stat().st_mtime_ns for p in [*out.rglob("*.bin"), *out.rglob("vae_check.json")]}
     prepare(_sources(shapes_files), str(out), VAE, flip=True, num_workers=1, **SIZES)
-    assert capsys.readouterr().out.count("already prepared") == 8  # 4 sources x 2 splits
-    assert stamp == {p: p.stat().st_mtime_ns for p in out.rglob("*.bin")}
+    rerun = capsys.readouterr().out
+    assert rerun.count("already prepared") == 8  # 4 sources x 2 splits
+    assert rerun.count("VAE reconstruction") == 3  # kept from the first run (vae_check.json), not computed again
+    assert len(stamp) > 3 and stamp == {p: p.stat().st_mtime_ns for p in [*out.rglob("*.bin"),
+                                                                         *out.rglob("vae_check.json")]}
     # a changed setting rewrites: no flips stored now
     prepare(_sources(shapes_files)[:1], str(out), VAE, flip=False, num_workers=1, **SIZES)
     assert _read(out, "folder/train")[0].mean.shape == (1, 1, 4, 8, 8)

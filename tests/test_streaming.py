@@ -21,7 +21,7 @@ from datamodules.files.schema import IMAGE, INTERLEAVED, PAIR, TEXT, Sample, max
 from datamodules.files.streaming import Layout, PackCollate, PreparedDataModule, caption_document, document
 from lit_transfusion.batch import CaptionPairs, Image, Text, document_length
 from lit_transfusion.module import TransfusionModule
-from tests.conftest import ROOT, SPECIAL
+from tests.conftest import ROOT, SPECIAL, run_cli
 from tests.prepared_data import write_prepared, write_split
 
 SCRIPT = ROOT / "tests" / "distributed" / "stream_ranks.py"
@@ -319,8 +319,9 @@ def test_val_without_pairs_has_one_loader_and_without_val_none(tmp_path):
     root = tmp_path / "no_val"
     write_prepared(root, n_train={"corpus": 4}, n_val={})
     dm = PreparedDataModule(str(root))
-    dm.setup("validate")
-    with pytest.warns(UserWarning, match="no val split"):
+    with pytest.raises(ValueError, match="no validation sample.*so validate would run without evaluation"):
+        dm.setup("validate")
+    with pytest.warns(UserWarning, match="no val split"):  # the loaders themselves, asked directly
         assert dm.val_dataloader() == []
     assert dm.test_dataloader() == []
 
@@ -392,6 +393,65 @@ def test_weights_errors_name_the_setting_and_the_sources(prepared):
         PreparedDataModule(str(prepared), weights={"pairs": -1.0})
     with pytest.raises(ValueError, match=r"data.weights leaves no source"):
         PreparedDataModule(str(prepared), weights={"pairs": 0.0})
+
+
+# ------------------------------------------------------------------------------------ no validation data
+class Stop(Exception):
+    pass
+
+
+class StopAtFirstStep(Callback):
+    """Records whether a training step began (and ends the run there: the test needs no more)."""
+
+    started = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.started = True
+        raise Stop
+
+
+def fit_stops(root: Path, tmp: Path, **trainer_args) -> bool:
+    """Fit a nano model on ``root``; whether a training step began."""
+    dm = PreparedDataModule(str(root), batch_size=2)
+    module = TransfusionModule(vocab_size=dm.vocab_size, special_ids=dm.special_ids, latent_shape=dm.latent_shape,
+                               size="nano", max_seq_len=128)
+    probe = StopAtFirstStep()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                        callbacks=[probe], default_root_dir=tmp, **trainer_args)
+    with pytest.raises(Stop):
+        trainer.fit(module, datamodule=dm)
+    return probe.started
+
+
+def test_fit_without_validation_data_stops_before_training_naming_the_setting(tmp_path):
+    root = tmp_path / "no_val"
+    write_prepared(root, n_train={"pairs": 4, "corpus": 4}, n_val={})
+    with pytest.raises(ValueError) as error:  # not Stop: it came before the first training step
+        fit_stops(root, tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"data.data_dir: {str(root)!r} holds no validation sample")
+    assert "so fit would run without evaluation" in message
+    assert "'pairs', 'corpus'" in message and "val_fraction" in message and "trainer.limit_val_batches: 0" in message
+    # asking for no validation explicitly trains
+    assert fit_stops(root, tmp_path, limit_val_batches=0)
+
+
+def test_fit_without_validation_data_is_one_error_line_on_the_command_line(tmp_path):
+    root = tmp_path / "no_val"
+    write_prepared(root, n_train={"pairs": 4}, n_val={})
+    override = tmp_path / "fit.yaml"
+    override.write_text(json.dumps({"data": {"init_args": {"data_dir": str(root), "weights": None}}}))
+    proc = run_cli("fit", "--config", "configs/imagefolder/fit.yaml", "--config", str(override),
+                   "--model.init_args.size=nano", "--trainer.max_steps=2",
+                   f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: data.data_dir: {str(root)!r} holds no validation sample")
+    assert "so fit would run without evaluation" in last and "val_fraction" in last
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [last]
+    assert not list(tmp_path.rglob("*.ckpt"))  # no step trained, nothing saved
 
 
 # ------------------------------------------------------------------------------------------- resume

@@ -10,6 +10,16 @@ sizes) and what (samples written, samples skipped by reason with the first offen
 
 Bad samples never stop the run: each is skipped and counted. A source with no valid training sample is an
 error naming it. A rerun skips every (source, split) already written with the same settings.
+
+Validation: a source without validation data of its own (``val_path``, an imagefolder ``validation/`` folder) and
+without a ``val_fraction`` of its own holds out ``val_fraction`` (default 5 %) of its samples, at least
+``min_val_samples``, chosen by a stable hash of each sample's key (:func:`with_validation`). Every kind does, text
+too: ``fit`` evaluates on whatever held-out data there is (losses, text and caption perplexity, FID on held-out
+images) and refuses a directory without any. A source's ``val_fraction: 0`` asks for no validation split.
+
+VAE check: the VAE reconstructs the first ``vae_psnr_images`` training images of each source with images; the
+report and the manifest give the PSNR, and the report warns below ``vae_min_psnr`` (a VAE trained on other
+images: the model would learn, and generate, its distortions), naming the config that trains one on them.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -42,11 +53,13 @@ from datamodules.files.schema import (
     SourceInfo,
     SplitInfo,
 )
-from datamodules.files.sources import SourceConfig, caption_corpus, read_source
+from datamodules.files.sources import SourceConfig, caption_corpus, key_position, own_validation, read_source
 
 SPLITS = ("train", "val")
 # Counted but not skipped: the sample is written, changed as named.
 NOTES = ("caption_truncated", "document_split")
+# What trains a VAE on the user's own images (named when the configured VAE reconstructs them badly).
+VAE_CONFIG = "configs/imagefolder/vae.yaml"
 
 
 class PrepareError(Exception):
@@ -307,6 +320,10 @@ def prepare(
     num_workers: int = 1,
     encode_batch: int = 64,
     chunk_bytes: str = "64MB",
+    val_fraction: float = 0.05,
+    min_val_samples: int = 8,
+    vae_psnr_images: int = 64,
+    vae_min_psnr: float = 25.0,
 ) -> Manifest:
     """Prepare ``sources`` into ``out_dir`` (see the module docstring); returns the manifest written.
 
@@ -332,11 +349,23 @@ def prepare(
         num_workers: parallel processes (each decodes and encodes whole work units: shards, or ~256 records).
         encode_batch: images per VAE call.
         chunk_bytes: litdata chunk size.
+        val_fraction: the share held out for validation (by a stable hash of the sample key) from each source
+            that has no validation data of its own and no ``val_fraction`` of its own (a source's own
+            ``val_fraction: 0``: no validation split). 0: hold out nothing by default.
+        min_val_samples: hold out at least this many samples of such a source (never more than a quarter of them)
+            when ``val_fraction`` alone would hold out fewer; webdataset shards get ``val_fraction`` alone.
+        vae_psnr_images: the VAE encodes (posterior mean) and decodes this many training images of each source
+            with images; their PSNR goes to the report and the manifest (``vae_psnr``). 0: no check.
+        vae_min_psnr: below this PSNR (dB) the report warns that the VAE does not fit the images and names
+            ``configs/imagefolder/vae.yaml``, which trains one on them (the shipped shapes VAE: ~33 dB on shapes).
     """
     start = time.perf_counter()
     out = Path(out_dir)
     sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in sources]
     _check(sources, vae_path, image_size, seq_len, patch_size)
+    _check_held_out_and_vae(val_fraction, min_val_samples, vae_psnr_images)
+    resolved = [with_validation(s, val_fraction, min_val_samples) for s in sources]
+    sources, validation = [s for s, _ in resolved], [where for _, where in resolved]
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_file, origin = _tokenizer(sources, out, tokenizer_path, bpe_vocab_size, bpe_texts)
     threads = max(1, (os.cpu_count() or 1) // max(num_workers, 1))
@@ -347,8 +376,10 @@ def prepare(
     digest = settings.digest()
     infos: dict[str, SourceInfo] = {}
     notes: dict[str, Skips] = {}
-    for src in sources:
-        info = infos[src.name] = SourceInfo(kind=_kind_name(src))
+    codec = _LazyCodec(settings.vae_path)
+    for src, where in zip(sources, validation, strict=True):
+        info = infos[src.name] = SourceInfo(kind=_kind_name(src), validation=where,
+                                            val_fraction=src.held_out if where == "held_out" else 0.0)
         skips, notes[src.name] = Skips(), Skips()
         for split in SPLITS:
             done = _write_split(src, split, out, settings, digest, num_workers, chunk_bytes)
@@ -361,6 +392,8 @@ def prepare(
                 info.splits[split] = split_info
         info.skipped, info.notes = dict(skips.counts), dict(notes[src.name].counts)
         info.examples = {**skips.examples, **notes[src.name].examples}
+        if src.kind != "text" and vae_psnr_images:
+            info.vae_psnr, info.vae_psnr_images = _vae_check(src, settings, digest, out, vae_psnr_images, codec)
     from lit_transfusion.vae import vae_latent_shape
 
     manifest = Manifest(
@@ -370,7 +403,7 @@ def prepare(
         patch_size=patch_size, flip=flip, sources=infos,
     )
     manifest.write(out)
-    print(report(manifest, time.perf_counter() - start))
+    print(report(manifest, time.perf_counter() - start, vae_min_psnr))
     empty = [name for name, info in infos.items() if "train" not in info.splits]
     if empty:
         raise PrepareError("; ".join(
@@ -406,6 +439,120 @@ def _check(sources: list[SourceConfig], vae_path: str, image_size: int, seq_len:
     if needed > seq_len:
         raise PrepareError(f"seq_len={seq_len} cannot hold one image ({needed - 3} positions) with "
                            "<bos>, a caption token and <eos>")
+
+
+def _check_held_out_and_vae(val_fraction: float, min_val_samples: int, vae_psnr_images: int) -> None:
+    if not 0.0 <= val_fraction < 1.0:
+        raise PrepareError(f"val_fraction: {val_fraction}; expected a share in [0, 1) (0.05 holds out 5 %)")
+    for name, value in (("min_val_samples", min_val_samples), ("vae_psnr_images", vae_psnr_images)):
+        if value < 0:
+            raise PrepareError(f"{name}: {value}; expected a count >= 0 (0 turns it off)")
+
+
+# --------------------------------------------------------------------------------------------- validation
+def with_validation(src: SourceConfig, fraction: float, min_samples: int) -> tuple[SourceConfig, str]:
+    """``src`` with its held-out share decided (a float ``val_fraction``), and where its validation split comes
+    from (``SourceInfo.validation``: "val_path", "folder <name>/", "held_out" or "none").
+
+    Validation data of its own wins; a ``val_fraction`` of its own is kept (0: "none"); an unset one becomes
+    ``fraction``, raised to hold out ``min_samples`` samples (at most a quarter of them) when ``fraction``
+    holds out fewer: a small folder still validates. Either way the split is a threshold on the position of each
+    key (``key_position``): a rerun makes the same split, and once the share is ``fraction`` itself (typically
+    from ``min_samples / fraction`` samples on: 160 by default) added samples never move existing ones; below
+    that, adding samples can move a few held-out ones. Webdataset sources get ``fraction`` alone (the minimum
+    would read every shard once more for the keys)."""
+    own = own_validation(src)
+    if own is not None:
+        return dataclasses.replace(src, val_fraction=src.held_out), own
+    if src.val_fraction is None:
+        if fraction > 0 and min_samples > 0 and src.kind != "webdataset":
+            fraction = _raised_to_minimum(_train_keys(src), fraction, min_samples)
+        src = dataclasses.replace(src, val_fraction=fraction)
+    return src, "held_out" if src.held_out > 0 else "none"
+
+
+def _train_keys(src: SourceConfig) -> list[str]:
+    """The key of every valid sample of ``src`` with nothing held out (a scan: no image is decoded)."""
+    try:
+        units = read_source(dataclasses.replace(src, val_fraction=0.0), "train", Skips())
+    except FileNotFoundError as e:
+        raise PrepareError(f"sources[{src.name!r}].path: {e}") from None
+    return [record.key for unit in units for record in unit.records(Skips())]
+
+
+def _raised_to_minimum(keys: list[str], fraction: float, min_samples: int) -> float:
+    """``fraction``, or the smallest share holding out the ``k = min(min_samples, len(keys) // 4)`` keys of
+    smallest position when ``fraction`` holds out fewer than ``k``."""
+    k = min(min_samples, len(keys) // 4)
+    positions = sorted(key_position(key) for key in keys)
+    if k == 0 or positions[k - 1] < fraction:
+        return fraction
+    return math.nextafter(positions[k - 1], 1.0)  # the k-th position itself is held out (positions < share)
+
+
+# --------------------------------------------------------------------------------------------- VAE check
+def _first_images(src: SourceConfig, settings: Settings, n: int) -> np.ndarray:
+    """uint8 ``[n', S, S, 3]``: the first ``n`` training images of ``src`` that decode, decoded as the stored
+    ones are (``n' < n`` when the source has fewer; bad images are passed over, the splits count them)."""
+    decoder = Encoder(settings, "train", tally_dir="")
+    images = []
+    for unit in read_source(src, "train", Skips()):
+        for record in unit.records(Skips()):
+            for ref in record.segments:
+                if not isinstance(ref, ImageRef):
+                    continue
+                try:
+                    images.append(decoder._image(ref))
+                except BadSample:
+                    continue
+                if len(images) == n:
+                    return np.stack(images)
+    size = settings.image_size
+    return np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+
+
+class _LazyCodec:
+    """The VAE in this process (a ``LatentCodec``), loaded at the first call: a rerun whose checks are all done
+    never loads it."""
+
+    def __init__(self, vae_path: str):
+        self.vae_path, self._codec = vae_path, None
+
+    def __call__(self):
+        if self._codec is None:
+            from lit_transfusion.vae import LatentCodec
+
+            self._codec = LatentCodec.from_dir(self.vae_path)
+        return self._codec
+
+
+def _vae_check(src: SourceConfig, settings: Settings, digest: str, out: Path, n: int,
+               codec: _LazyCodec) -> tuple[float | None, int]:
+    """The VAE's reconstruction PSNR (dB, 2 decimals) on the first ``n`` training images of ``src``, and how many
+    there were (``(None, 0)``: none). Kept in ``out/<source>/vae_check.json``: a rerun with the same settings,
+    source and ``n`` reads it instead of decoding and reconstructing again (a large VAE on CPU takes a while)."""
+    marker = out / src.name / "vae_check.json"
+    key = {"digest": digest, "source": json.dumps(asdict(src), sort_keys=True), "images": n}
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        if done.get("key") == key:
+            return done["psnr"], done["count"]
+    images = _first_images(src, settings, n)
+    if not len(images):
+        return None, 0
+    psnr = round(reconstruction_psnr(codec(), images), 2)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"key": key, "psnr": psnr, "count": len(images)}))
+    return psnr, len(images)
+
+
+def reconstruction_psnr(codec, images: np.ndarray) -> float:
+    """Mean PSNR (dB, ``vae.psnr``: on the [0, 1] range) of uint8 ``images`` ``[N, S, S, 3]`` against their
+    reconstruction through ``codec`` (a ``LatentCodec``: posterior mean, then decode), in one batch."""
+    from lit_transfusion.vae import images_to_tensor, psnr
+
+    x = images_to_tensor(images)  # [N, 3, S, S] in [-1, 1]
+    return float(psnr(codec.decode(codec.encode(x, batch_size=len(x)), batch_size=len(x)), x))
 
 
 def _tokenizer(sources, out: Path, tokenizer_path, vocab_size: int, texts: int) -> tuple[Path, str]:
@@ -526,8 +673,10 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v)
 
 
-def report(manifest: Manifest, seconds: float) -> str:
-    """The end-of-run report: samples written per source and split, skips by reason with examples."""
+def report(manifest: Manifest, seconds: float, vae_min_psnr: float = 25.0) -> str:
+    """The end-of-run report: samples written per source and split, where validation comes from, skips by
+    reason with examples, the VAE's reconstruction PSNR (a warning below ``vae_min_psnr``), and a warning when no
+    source has a validation split (``fit`` refuses such a directory)."""
     lines = [f"prepared in {seconds:.1f} s:"]
     for name, info in manifest.sources.items():
         splits = ", ".join(f"{split} {s.samples} samples ({s.images} images, {s.tokens} tokens)"
@@ -540,7 +689,37 @@ def report(manifest: Manifest, seconds: float) -> str:
                 lines.append(f"      {reason}: {', '.join(info.examples.get(reason, [])[:3])}")
         if getattr(info, "notes", None):
             lines.append(f"    written with changes: {_counts(info.notes)}")
+        lines += _validation_lines(info) + _vae_lines(info, manifest.vae_path, vae_min_psnr)
+    if not any("val" in info.splits for info in manifest.sources.values()):
+        lines.append("warning: no source has a validation split, and fit refuses to train without evaluation: "
+                     "give a source val_path, or hold out a share (val_fraction > 0)")
     return "\n".join(lines)
+
+
+def _validation_lines(info: SourceInfo) -> list[str]:
+    """Where the source's validation split comes from and its size (held out: the share and the rule)."""
+    n = info.splits["val"].samples if "val" in info.splits else 0
+    if info.validation == "none":
+        return ["    validation: none (val_fraction: 0)"]
+    if info.validation == "held_out":
+        rule = f"{n} samples held out by key hash (val_fraction {info.val_fraction:.3g})"
+        return [f"    validation: {rule}" if n else f"    warning: validation: {rule}: raise val_fraction or give "
+                "val_path"]
+    return [f"    validation: {n} samples from {info.validation}"] if info.validation else []
+
+
+def _vae_lines(info: SourceInfo, vae_path: str, min_psnr: float) -> list[str]:
+    """The VAE's reconstruction PSNR on the source's images, and what to do when it is low."""
+    if info.vae_psnr is None:
+        return []
+    lines = [f"    VAE reconstruction: {info.vae_psnr:.1f} dB PSNR on {info.vae_psnr_images} training images"]
+    if info.vae_psnr < min_psnr:
+        lines.append(
+            f"    warning: the VAE reconstructs these images at {info.vae_psnr:.1f} dB, below vae_min_psnr "
+            f"{min_psnr:g}: {vae_path} was trained on other images, and the model learns (and generates) its "
+            f"distortions, e.g. wrong colours. Train a VAE on these images: python -m lit_transfusion vae fit "
+            f"--config {VAE_CONFIG} (data.init_args.path: your images), then set vae_path to its export_dir")
+    return lines
 
 
 def prepare_parser():

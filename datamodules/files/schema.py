@@ -103,13 +103,22 @@ class SplitInfo:
 @dataclass
 class SourceInfo:
     """What ``prepare`` made of one source: its kind, its splits, the samples it skipped by reason, the samples
-    it wrote changed (truncated caption, split document), and the first few offending paths per reason."""
+    it wrote changed (truncated caption, split document), the first few offending paths per reason, where its
+    validation split came from and how well the VAE reconstructs its images.
+
+    The fields after ``examples`` have defaults: manifests written before them still load (validation "",
+    vae_psnr None: not recorded)."""
 
     kind: str
     splits: dict[str, SplitInfo] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     notes: dict[str, int] = field(default_factory=dict)  # written, but changed: caption_truncated, document_split
     examples: dict[str, list[str]] = field(default_factory=dict)
+    # "val_path", "folder <name>/", "held_out" (val_fraction of the keys, by hash) or "none" (val_fraction 0)
+    validation: str = ""
+    val_fraction: float = 0.0  # "held_out": the share of key positions held out (default, raised to a minimum)
+    vae_psnr: float | None = None  # dB, mean over the first vae_psnr_images training images (None: no images)
+    vae_psnr_images: int = 0
 
 
 @dataclass

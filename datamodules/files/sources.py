@@ -19,7 +19,9 @@ text          ``.txt`` (a document per line, or per blank-line-separated block) 
               or a directory of them.
 
 Validation data: ``val_path`` (same format), else the imagefolder validation folder, else ``val_fraction`` of the
-samples chosen by a stable hash of the sample key (the same split on every run and machine).
+samples chosen by a stable hash of the sample key (the same split on every run and machine). ``val_fraction`` None
+(unset) reads as 0 here; ``prepare`` replaces it with its default held-out share (:func:`own_validation` tells
+which sources have validation data of their own).
 
 Each bad sample is skipped for exactly one reason, the first that applies in the order ``malformed_json``,
 ``duplicate_file_name``, ``non_utf8_caption``, ``empty_caption``, ``missing_file``. Calling :func:`read_source`
@@ -59,7 +61,8 @@ class SourceConfig:
     kind            "imagefolder" | "webdataset" | "interleaved" | "text" (formats: the module docstring)
     path            the data: a folder, a file, a shard brace pattern or URL (per kind)
     val_path        explicit validation data (same format); else the imagefolder validation folder or val_fraction
-    val_fraction    held-out fraction, chosen by a stable hash of the sample key (not random)
+    val_fraction    held-out fraction, chosen by a stable hash of the sample key (not random); None: unset
+                    (``prepare`` holds out its default share), 0: no validation split
     caption_column  imagefolder metadata / webdataset json caption field (a str or a list of str)
     text_column     text corpus ``.jsonl`` field
     text_split      ``.txt`` documents: one per "line", or one per blank-line-separated "paragraph"
@@ -69,7 +72,7 @@ class SourceConfig:
     kind: Literal["imagefolder", "webdataset", "interleaved", "text"]
     path: str
     val_path: str | None = None
-    val_fraction: float = 0.0
+    val_fraction: float | None = None
     caption_column: str = "text"
     text_column: str = "text"
     text_split: Literal["line", "paragraph"] = "line"
@@ -77,7 +80,7 @@ class SourceConfig:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"source {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
-        if not 0.0 <= float(self.val_fraction) < 1.0:
+        if self.val_fraction is not None and not 0.0 <= float(self.val_fraction) < 1.0:
             raise ValueError(f"source {self.name!r}: val_fraction {self.val_fraction} must be in [0, 1)")
         if self.text_split not in ("line", "paragraph"):
             raise ValueError(f"source {self.name!r}: text_split {self.text_split!r} is not 'line' or 'paragraph'")
@@ -85,14 +88,25 @@ class SourceConfig:
         if self.val_path is not None:
             self.val_path = str(self.val_path)
 
+    @property
+    def held_out(self) -> float:
+        """The share held out by key hash when the source has no validation data of its own (unset: 0)."""
+        return float(self.val_fraction or 0.0)
+
+
+def key_position(key: str) -> float:
+    """A stable number in [0, 1) for a sample key (blake2b of the key): the same on every run, process and
+    machine. A key is in the held-out ``fraction`` when its position is below it."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
 
 def in_val(key: str, fraction: float) -> bool:
     """Whether ``key`` belongs to the held-out ``fraction``: a stable hash (blake2b) of the key, not random, so
     every run, process and machine splits alike."""
     if fraction <= 0.0:
         return False
-    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0**64 < fraction
+    return key_position(key) < fraction
 
 
 # ----------------------------------------------------------------------------------------------- work units
@@ -352,16 +366,16 @@ def _read_imagefolder(cfg: SourceConfig, split: str, skips: Skips) -> list[Recor
     if split == "train":
         meta = _imagefolder_metadata(cfg, train_dir if layered else root)
         explicit_val = cfg.val_path is not None or (layered and val_dir is not None)
-        return _scan_imagefolder(cfg, meta, _Splitter("train", 0.0 if explicit_val else cfg.val_fraction, skips))
+        return _scan_imagefolder(cfg, meta, _Splitter("train", 0.0 if explicit_val else cfg.held_out, skips))
     if cfg.val_path is not None:
         if not os.path.exists(cfg.val_path):
             raise _missing(cfg, cfg.val_path, "val_path")
         return _scan_imagefolder(cfg, _imagefolder_metadata(cfg, cfg.val_path), _Splitter("val", 0.0, skips))
     if layered and val_dir is not None:
         return _scan_imagefolder(cfg, _imagefolder_metadata(cfg, val_dir), _Splitter("val", 0.0, skips))
-    if cfg.val_fraction > 0.0:
+    if cfg.held_out > 0.0:
         meta = _imagefolder_metadata(cfg, train_dir if layered else root)
-        return _scan_imagefolder(cfg, meta, _Splitter("val", cfg.val_fraction, skips))
+        return _scan_imagefolder(cfg, meta, _Splitter("val", cfg.held_out, skips))
     return []
 
 
@@ -615,12 +629,12 @@ def _shard_records(unit: ShardUnit, skips: Skips, want_images: bool) -> Iterator
 
 def _webdataset_units(cfg: SourceConfig, split: str) -> list[Unit]:
     if split == "train":
-        fraction = 0.0 if cfg.val_path is not None else cfg.val_fraction
+        fraction = 0.0 if cfg.val_path is not None else cfg.held_out
         return [ShardUnit(cfg.name, "train", s, cfg.caption_column, fraction) for s in expand_shards(cfg, cfg.path)]
     if cfg.val_path is not None:
         return [ShardUnit(cfg.name, "val", s, cfg.caption_column) for s in expand_shards(cfg, cfg.val_path)]
-    if cfg.val_fraction > 0.0:  # the train shards again: each sample goes to one split by its key's hash
-        return [ShardUnit(cfg.name, "val", s, cfg.caption_column, cfg.val_fraction, count_shard_errors=False)
+    if cfg.held_out > 0.0:  # the train shards again: each sample goes to one split by its key's hash
+        return [ShardUnit(cfg.name, "val", s, cfg.caption_column, cfg.held_out, count_shard_errors=False)
                 for s in expand_shards(cfg, cfg.path)]
     return []
 
@@ -642,15 +656,27 @@ def read_source(cfg: SourceConfig, split: Literal["train", "val"], skips: Skips)
     if not os.path.exists(cfg.path):
         raise _missing(cfg, cfg.path)
     if split == "train":
-        fraction = 0.0 if cfg.val_path is not None else cfg.val_fraction
+        fraction = 0.0 if cfg.val_path is not None else cfg.held_out
         return _chunk(cfg.name, split, scan(cfg, cfg.path, _Splitter("train", fraction, skips)))
     if cfg.val_path is not None:
         if not os.path.exists(cfg.val_path):
             raise _missing(cfg, cfg.val_path, "val_path")
         return _chunk(cfg.name, split, scan(cfg, cfg.val_path, _Splitter("val", 0.0, skips)))
-    if cfg.val_fraction > 0.0:
-        return _chunk(cfg.name, split, scan(cfg, cfg.path, _Splitter("val", cfg.val_fraction, skips)))
+    if cfg.held_out > 0.0:
+        return _chunk(cfg.name, split, scan(cfg, cfg.path, _Splitter("val", cfg.held_out, skips)))
     return []
+
+
+def own_validation(cfg: SourceConfig) -> str | None:
+    """Where the source's validation data of its own is: "val_path", the imagefolder validation folder
+    (``"folder <name>/"``, only beside a ``train/`` folder), or None (only a held-out share can validate)."""
+    if cfg.val_path is not None:
+        return "val_path"
+    if cfg.kind == "imagefolder" and os.path.isdir(os.path.join(cfg.path, "train")):
+        found = next((d for d in VAL_FOLDERS if os.path.isdir(os.path.join(cfg.path, d))), None)
+        if found is not None:
+            return f"folder {found}/"
+    return None
 
 
 def caption_corpus(cfg: SourceConfig, limit: int | None = None) -> Iterator[str]:

@@ -50,7 +50,14 @@ from lit_transfusion.batch import (
     pack_pairs,
     pack_rows,
 )
+from lit_transfusion.errors import SettingError
 from lit_transfusion.tokenizer import TextTokenizer
+
+
+class NoValidationData(SettingError):
+    """The prepared directory holds no validation sample: a ValueError naming the settings that give it one. Being
+    a SettingError, ``python -m lit_transfusion fit`` ends with it as one ``error:``
+    line (exit status 2) although it is raised in ``setup``, inside ``trainer.fit``."""
 
 
 class PreparedDataModule(L.LightningDataModule):
@@ -219,11 +226,31 @@ class PreparedDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------------------------- setup
     def setup(self, stage: str | None = None) -> None:
         """Build the training stream (fit) and read the evaluation samples. Called in every process: under DDP
-        litdata splits the stream by the rank it finds here."""
+        litdata splits the stream by the rank it finds here. Raises :class:`NoValidationData` for fit, validate
+        and test when there is no validation sample, before any training step."""
+        if stage in ("fit", "validate", "test"):
+            self._check_validation(stage)
         if stage in (None, "fit") and self.train_dataset is None:
             self.train_dataset = self._train_dataset()
         if stage in (None, "fit", "validate", "test"):
             self.eval_samples("val")
+
+    def _check_validation(self, stage: str) -> None:
+        """Refuse a ``stage`` without validation samples: Lightning would train without a single evaluation, saying
+        only "Total length of `list` across ranks is zero". A fit with ``trainer.limit_val_batches: 0`` asked for
+        no validation and goes ahead."""
+        if self.eval_samples("val"):
+            return
+        stage = getattr(stage, "value", stage)  # the Trainer passes a TrainerFn (a str enum), printed as its name
+        if stage == "fit" and self.trainer is not None and self.trainer.limit_val_batches == 0:
+            return
+        lacking = ", ".join(f"{name!r}" + (" (val_fraction: 0)" if info.validation == "none" else "")
+                            for name, info in self._manifest.sources.items())
+        hint = ", or set trainer.limit_val_batches: 0 to train without validation" if stage == "fit" else ""
+        raise NoValidationData(
+            f"data.data_dir: {str(self.root)!r} holds no validation sample (no val split in {lacking}), so {stage} "
+            "would run without evaluation: prepare the data again with held-out samples (prepare's val_fraction, "
+            f"default 0.05, or a source's val_path or val_fraction > 0){hint}")
 
     def _train_dataset(self) -> StreamingDataset | CombinedStreamingDataset:
         hp = self.hparams
