@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from datamodules.files.prepare import PrepareError, _split_document, prepare
+from datamodules.files.prepare import PrepareError, prepare
+from datamodules.files.prepare.encode import split_document
 from datamodules.files.schema import IMAGE, INTERLEAVED, PAIR, TEXT, Manifest, Sample, max_positions
 from datamodules.files.sources import SourceConfig
 from tests.conftest import ROOT, run_cli
@@ -23,7 +24,7 @@ SIZES = dict(image_size=32, seq_len=128, patch_size=2, bpe_vocab_size=300)
 def test_long_document_split_between_segments_never_inside_an_image():
     img = "I"  # stands for a decoded image
     segments = [list(range(30)), IMAGE, list(range(100, 150)), IMAGE, IMAGE, list(range(200, 290))]
-    pieces = _split_document(segments, [img, img, img], room=60, image_positions=18)
+    pieces = split_document(segments, [img, img, img], room=60, image_positions=18)
     flat_text = []
     for segs, imgs in pieces:
         n = sum(18 if isinstance(s, int) else len(s) for s in segs)
@@ -34,7 +35,7 @@ def test_long_document_split_between_segments_never_inside_an_image():
     assert flat_text == list(range(30)) + list(range(100, 150)) + list(range(200, 290))
     assert sum(len(imgs) for _, imgs in pieces) == 3
     # an image that cannot fit even alone: the document cannot be split
-    assert _split_document([[1, 2], IMAGE], [img], room=10, image_positions=18) is None
+    assert split_document([[1, 2], IMAGE], [img], room=10, image_positions=18) is None
 
 
 def _read(root: Path, rel: str) -> list[Sample]:

@@ -23,7 +23,6 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import tarfile
@@ -206,7 +205,7 @@ def export_text(world: ShapesWorld, root: Path, sizes: dict[str, int]) -> dict[s
 
 def export_shapes(
     out: str | Path,
-    formats: Sequence[str] = FORMATS,
+    formats: Sequence[str] | str = FORMATS,
     num_train: int = 2000,
     num_val: int = 256,
     seed: int = 0,
@@ -219,8 +218,19 @@ def export_shapes(
 ) -> dict[str, Path]:
     """Write ``out/<format>/...`` for each of ``formats`` (see the module docstring); returns format -> folder.
 
-    ``num_train``/``num_val``: images (imagefolder, webdataset), text documents (text) and twice the documents
-    (interleaved) per split. ``report``: if given, filled with ``{format: {split: samples written}}``.
+    Args:
+        out: output folder (one sub-folder per format)
+        formats: a subset of imagefolder, webdataset, interleaved, text: a list, or comma-separated
+        num_train: training images (imagefolder, webdataset), text documents (text) and twice as many documents
+            (interleaved) per format
+        num_val: validation images / documents per format, as num_train
+        seed: world seed
+        image_size: image side in pixels
+        captions_per_image: phrasings stored per image
+        shard_size: samples per webdataset shard
+        scene_caption_ratio: fraction of full scene captions
+        color_detail: prompt captions with colors filled in
+        report: if given, filled with ``{format: {split: samples written}}`` (not a command-line option)
     """
     if isinstance(formats, str):
         formats = tuple(f for f in formats.split(",") if f)
@@ -260,26 +270,18 @@ _UNITS = {"imagefolder": "images", "webdataset": "images", "interleaved": "docum
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m datamodules.shapes.to_files", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("out", help="output folder (one sub-folder per format)")
-    parser.add_argument("--num_train", type=int, default=2000, help="training images / documents per format")
-    parser.add_argument("--num_val", type=int, default=256, help="validation images / documents per format")
-    parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated subset of " + ",".join(FORMATS))
-    parser.add_argument("--seed", type=int, default=0, help="world seed")
-    parser.add_argument("--image_size", type=int, default=32, help="image side in pixels")
-    parser.add_argument("--captions_per_image", type=int, default=4, help="phrasings stored per image")
-    parser.add_argument("--shard_size", type=int, default=500, help="samples per webdataset shard")
-    parser.add_argument("--scene_caption_ratio", type=float, default=0.9, help="fraction of full scene captions")
-    parser.add_argument("--color_detail", type=float, default=0.5, help="prompt captions with colors filled in")
+    """Command line: the arguments of :func:`export_shapes` (``out`` positional, the rest ``--name value``); a
+    setting it rejects ends the command with the usage, ``error: ...`` and exit status 2."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m datamodules.shapes.to_files", description=__doc__.split("\n\n")[0])
+    parser.add_function_arguments(export_shapes, as_positional=True, skip={"report"})
     args = parser.parse_args(argv)
     start = time.perf_counter()
     report: dict = {}
     try:
-        written = export_shapes(args.out, args.formats, args.num_train, args.num_val, args.seed, args.image_size,
-                                args.captions_per_image, args.shard_size, args.scene_caption_ratio,
-                                args.color_detail, report=report)
-    except ValueError as e:
+        written = export_shapes(**args.as_dict(), report=report)
+    except ValueError as e:  # a bad setting (export_shapes names it), not a failure while writing
         parser.error(str(e))
     for fmt, path in written.items():
         per_split = ", ".join(f"{split} {n}" for split, n in report[fmt].items())
