@@ -38,7 +38,7 @@ ENTRY_POINTS = {
     "sample": "lit_transfusion.sample:main",
     "export": "lit_transfusion.export:main",
     "prepare": "datamodules.files.prepare:main",
-    "sweep": "lit_transfusion.sweep:main",
+    "sweep": "lit_transfusion.commands.sweep.main:main",
 }
 
 

@@ -218,5 +218,5 @@ def test_vae_is_its_own_command():
 @pytest.mark.parametrize("config", SWEEPS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_sweep_file_is_valid(config, capsys):
     """Every shipped sweep: its keys, its grid and every run's overrides pass validation (a dry run)."""
-    main(["sweep", "--config", str(config), "--dry-run"])
+    main(["sweep", "--config", str(config), "--dry_run"])
     assert "seed" in capsys.readouterr().out

@@ -25,10 +25,13 @@ import torch
 import yaml
 
 from callbacks.flops import FlopsBudget, probe_positions
-from lit_transfusion import equal_flops as equal_flops_module
-from lit_transfusion import sweep_results
-from lit_transfusion.equal_flops import Parity, PowerLaw, equal_flops, fit_power_law, parity_ratio
-from lit_transfusion.sweep import BUDGET_CALLBACK, FLOPS_CALLBACK, _parser, expand, fit_args, load_sweep, main
+from lit_transfusion.commands.sweep import equal_flops as equal_flops_module
+from lit_transfusion.commands.sweep import results as sweep_results
+from lit_transfusion.commands.sweep.equal_flops import Parity, PowerLaw, equal_flops, fit_power_law, parity_ratio
+from lit_transfusion.commands.sweep.expand import BUDGET_CALLBACK, FLOPS_CALLBACK, expand, fit_args
+from lit_transfusion.commands.sweep.load import load_sweep
+from lit_transfusion.commands.sweep.main import main
+from lit_transfusion.commands.sweep.validate import transfusion_parser
 from tests.conftest import ROOT, run_cli
 
 EQUAL = ROOT / "configs" / "sweeps" / "equal_flops_test.yaml"
@@ -239,7 +242,7 @@ def test_a_wrong_budget_or_compare_names_the_file_and_key(tmp_path, capsys, sect
     sections.setdefault("variants", VARIANTS)
     path = write_sweep(tmp_path / "bad.yaml", name="bad", base="configs/shapes/tiny.yaml", **sections)
     with pytest.raises(SystemExit) as exit_info:
-        main(["--config", str(path), "--out", str(tmp_path / "out"), "--dry-run"])
+        main(["--config", str(path), "--out", str(tmp_path / "out"), "--dry_run"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: {where}"), err
@@ -265,7 +268,7 @@ def test_budget_sweep_runs_are_budgets_times_variants_times_seeds(tmp_path, caps
     assert [(r.family, r.budget, r.seed) for r in runs[:3]] == [("linear", 2e9, 0), ("unet", 2e9, 0),
                                                                 ("linear", 4e9, 0)]
     assert runs[1].variant == "unet-budget2e9"
-    main(["--config", str(EQUAL), "--out", str(tmp_path), "--dry-run"])
+    main(["--config", str(EQUAL), "--out", str(tmp_path), "--dry_run"])
     out = capsys.readouterr().out.splitlines()
     assert out[1].split() == ["1", "unet-budget2e9-seed0", "model.init_args.patcher=unet", "budget=2e+09", "seed=0"]
     assert out[-1].startswith("8 runs") and not list(tmp_path.iterdir())
@@ -275,7 +278,7 @@ def test_budget_sweep_runs_are_budgets_times_variants_times_seeds(tmp_path, caps
     assert budget_arg in args and f"--trainer.callbacks+={FLOPS_CALLBACK}" in args
     assert not any(a.startswith("--trainer.max_steps") for a in args)
     # jsonargparse takes the appended mapping: the run's trainer gets both callbacks after the config's own
-    callbacks = _parser().parse_args(args).fit.trainer.callbacks
+    callbacks = transfusion_parser().parse_args(args).fit.trainer.callbacks
     assert [c.class_path for c in callbacks][-2:] == [FLOPS_CALLBACK, BUDGET_CALLBACK]
     assert callbacks[-1].init_args.flops == 4e9 and callbacks[-1].init_args.probe_batches == 4
 

@@ -20,20 +20,14 @@ import pytest
 import torch
 import yaml
 
-from lit_transfusion import sweep_results
-from lit_transfusion.sweep import (
-    FLOPS_CALLBACK,
-    Run,
-    SweepError,
-    _schedule,
-    cli_value,
-    expand,
-    fit_args,
-    load_sweep,
-    main,
-    submit_slurm,
-    validate,
-)
+from lit_transfusion.commands.sweep import results as sweep_results
+from lit_transfusion.commands.sweep.expand import FLOPS_CALLBACK, Run, cli_value, expand, fit_args
+from lit_transfusion.commands.sweep.load import load_sweep
+from lit_transfusion.commands.sweep.main import main
+from lit_transfusion.commands.sweep.runner import schedule
+from lit_transfusion.commands.sweep.schema import SlurmSection, SweepError
+from lit_transfusion.commands.sweep.slurm import submit_slurm
+from lit_transfusion.commands.sweep.validate import validate
 from tests.conftest import ROOT, run_cli
 
 TINY = ROOT / "configs" / "sweeps" / "tiny_test.yaml"
@@ -117,7 +111,7 @@ def test_fit_arguments_pin_the_run_directory_seed_and_flops_callback(tmp_path):
 ])
 def test_a_wrong_sweep_file_names_the_file_and_key(tmp_path, capsys, sections, where):
     path = write_sweep(tmp_path / "bad.yaml", name="bad", base="configs/shapes/tiny.yaml", **sections)
-    err = error_of(["--config", str(path), "--out", str(tmp_path / "out"), "--dry-run"], capsys)
+    err = error_of(["--config", str(path), "--out", str(tmp_path / "out"), "--dry_run"], capsys)
     assert err.startswith(f"error: {path}: {where}"), err
     assert not (tmp_path / "out").exists()
 
@@ -157,7 +151,7 @@ def test_every_shipped_sweep_file_is_valid(path, tmp_path):
 
 
 def test_dry_run_lists_the_runs_and_starts_none(tmp_path, capsys):
-    main(["--config", str(TINY), "--out", str(tmp_path), "--dry-run"])
+    main(["--config", str(TINY), "--out", str(tmp_path), "--dry_run"])
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["0", "lambda1-seed0", "model.init_args.image_loss_weight=1.0", "seed=0"]
     assert [line.split()[1] for line in out[:4]] == ["lambda1-seed0", "lambda5-seed0", "lambda1-seed1",
@@ -198,7 +192,7 @@ def test_scheduler_runs_new_data_alone_and_the_rest_in_parallel():
             active.discard(run.index)
         return {"status": "failed" if run.index == 4 else "finished"}
 
-    records = _schedule(runs, 2, one, warm=set())
+    records = schedule(runs, 2, one, warm=set())
     assert sorted(r["index"] for r in records) == list(range(6))
     alone = [s for s in overlaps if {0, 4, 5} & s]  # 0: first of its data; 4 failed, so 5 was first again
     assert all(len(s) == 1 for s in alone), overlaps
@@ -346,7 +340,7 @@ def test_submitit_array_gets_one_function_per_unfinished_run(swept, tmp_path, mo
     monkeypatch.chdir(ROOT)
     sweep = load_sweep(file)
     runs = expand(sweep)
-    jobs = submit_slurm(sweep, runs, directory.parent, {"partition": "gpu", "time": 30, "gpus": 1}, parallel=2,
+    jobs = submit_slurm(sweep, runs, directory.parent, SlurmSection(partition="gpu", time=30, gpus=1), parallel=2,
                         cluster="debug")
     unfinished = [r.index for r in runs if r.run_id.startswith("broken")]
     assert [j.submission().args[2] for j in jobs] == unfinished

@@ -1,8 +1,8 @@
 """Equal-compute comparison of model families: each metric's final value against training FLOPs (6·N·D) per family
 and budget, a power law per family, and the FLOP ratio at which a family matches a reference family.
 
-A sweep with ``budgets`` and ``compare: {reference, metrics}`` (``sweep.py``) gets ``equal_flops.md`` and
-``equal_flops.png`` from :func:`sweep_results.collect`, which calls :func:`equal_flops` and the two writers here.
+A sweep with ``budgets`` and ``compare: {reference, metrics}`` (``schema.py``) gets ``equal_flops.md`` and
+``equal_flops.png`` from :func:`results.collect`, which calls :func:`equal_flops` and the two writers here.
 The fit is log(metric) = a + b·log(C) through every seed's (6·N·D, final value) point of a family (the paper's
 scaling-curve fits, Transfusion Figure 5); :func:`parity_ratio` solves the family's line for the reference's fitted
 value at the reference's largest budget and divides by that budget (Transfusion Table 3: "FLOP ratio to match").
@@ -16,7 +16,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from lit_transfusion.sweep_results import higher_is_better
+from lit_transfusion.commands.sweep.direction import arrow, higher_is_better
+from lit_transfusion.commands.sweep.panel import finish_panel
 
 FLAT_SLOPE = 1e-3  # |b| of a log-log fit below this: flat, it reaches no other value
 FAR = 10.0  # a match at more than FAR times the largest (or below 1/FAR of the smallest) measured compute: flagged
@@ -145,7 +146,6 @@ def _spread(values: list) -> str:
 def write_equal_flops_markdown(analysis: dict, path: Path, title: str = "sweep") -> None:
     """equal_flops.md: the runs per family and budget, then per metric each family's fit and FLOP ratio."""
     reference, metrics, budget = analysis["reference"], analysis["metrics"], analysis["budget"]
-    arrow = lambda m: "↑" if higher_is_better(m) else "↓"
     lines = [f"# Equal compute: {title}", "",
              "Training compute C = 6·N·D (N: the parameters a position uses; D: the non-pad positions trained on, "
              "each text token, image patch or image code counting one) and measured (FlopCounterMode on the first "
@@ -240,13 +240,7 @@ def write_equal_flops_figure(analysis: dict, path: Path) -> None:
                 plain = FuncFormatter(lambda v, _: f"{v:.3g}")
                 ax.yaxis.set_major_formatter(plain)
                 ax.yaxis.set_minor_formatter(plain)
-        ax.set_xlabel("training FLOPs (filled: 6·N·D, hollow: measured)")
-        ax.set_ylabel(f"final {metric} {'↑' if higher_is_better(metric) else '↓'}")
-        ax.grid(alpha=0.3, which="both")
-        if values:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, f"no {metric} in any finished budget run", ha="center", va="center",
-                    transform=ax.transAxes)
+        finish_panel(ax, "training FLOPs (filled: 6·N·D, hollow: measured)", f"final {metric} {arrow(metric)}",
+                     bool(values), f"no {metric} in any finished budget run", which="both")
     fig.suptitle(f"{path.parent.name}: equal compute, reference {analysis['reference']}")
     fig.savefig(path, dpi=100)

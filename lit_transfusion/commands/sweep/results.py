@@ -25,8 +25,8 @@ are the trainer's global step (optimizer steps done; TensorBoard's step + 1). In
 6·N·D uses N = ``params_active`` from flops.json where it is there (the parameters one position uses: all of
 them for a dense model, one modality's share for Mixture-of-Transformers), else ``params``.
 
-Direction (best value, bold mean): lower is better unless the name says cond_gap, geneval or acc (fid, loss, ppl,
-mse and anything else: lower).
+Direction (best value, bold mean): ``direction.py`` (lower is better unless the name says cond_gap, geneval or
+acc).
 """
 
 from __future__ import annotations
@@ -39,14 +39,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-HIGHER_IS_BETTER = ("cond_gap", "geneval", "acc")
+from lit_transfusion.commands.sweep.direction import arrow, higher_is_better
+from lit_transfusion.commands.sweep.equal_flops import equal_flops, write_equal_flops_figure, write_equal_flops_markdown
+from lit_transfusion.commands.sweep.panel import finish_panel
+
 RUN_COLUMNS = ("run_id", "variant", "family")
 STAT_COLUMNS = ("seed", "budget", "status", "steps", "positions_seen", "params", "params_active", "flops_6nd",
                 "flops_measured", "wall_seconds", "error")
-
-
-def higher_is_better(metric: str) -> bool:
-    return any(word in metric for word in HIGHER_IS_BETTER)
 
 
 # ----------------------------------------------------------------------------------------------- one run
@@ -153,8 +152,6 @@ def collect(sweep_dir: str | Path, metrics: list[str] | None = None, verbose: bo
     write_curves(runs, metrics, sweep_dir / "curves.png")
     write_hparams(runs, sweep_dir / "hparams")
     if compare:
-        from lit_transfusion.equal_flops import equal_flops, write_equal_flops_figure, write_equal_flops_markdown
-
         analysis = equal_flops(runs, compare["reference"], compare["metrics"])
         write_equal_flops_markdown(analysis, sweep_dir / "equal_flops.md", title=sweep_dir.name)
         write_equal_flops_figure(analysis, sweep_dir / "equal_flops.png")
@@ -229,7 +226,6 @@ def write_markdown(runs: list[dict], metrics: list[str], path: Path, title: str 
              "other. Final validation values, mean ± std over the finished seeds; best mean in **bold** "
              "(↓ lower is better, ↑ higher). Compute: total over the variant's runs, 6·N·D (N: the parameters a "
              "position uses, all of them in a dense model) and measured (FlopCounterMode).", ""]
-    arrow = lambda m: "↑" if higher_is_better(m) else "↓"
     lines.append("| variant | " + " | ".join(f"{m} {arrow(m)}" for m in metrics)
                  + " | seeds | steps | compute 6·N·D | compute measured |")
     lines.append("|" + "---|" * (len(metrics) + 5))
@@ -288,14 +284,8 @@ def write_curves(runs: list[dict], metrics: list[str], path: Path) -> None:
                 if xs:
                     ax.plot(xs, mean, marker="o", ms=3, color=f"C{i % 10}", label=v)
                     ax.fill_between(xs, low, high, color=f"C{i % 10}", alpha=0.2, linewidth=0)
-            ax.set_xlabel("step" if x == "step" else f"training FLOPs ({'measured' if measured else '6·N·D'})")
-            ax.set_ylabel(f"{metric} {'↑' if higher_is_better(metric) else '↓'}")
-            ax.grid(alpha=0.3)
-            if ax.lines:
-                ax.legend(fontsize=7)
-            else:
-                ax.text(0.5, 0.5, f"no {metric} in any finished run", ha="center", va="center",
-                        transform=ax.transAxes)
+            finish_panel(ax, "step" if x == "step" else f"training FLOPs ({'measured' if measured else '6·N·D'})",
+                         f"{metric} {arrow(metric)}", bool(ax.lines), f"no {metric} in any finished run")
     fig.suptitle(f"{path.parent.name}: mean over seeds, band = seed min..max")
     fig.savefig(path, dpi=100)
 

@@ -1,0 +1,159 @@
+"""Reading a sweep file: jsonargparse checks it against the schema (``schema.py``); what a type cannot say
+(non-empty lists, distinct seeds and variant names, names that make directory names, keys the runner sets itself,
+budgets beside ``trainer.max_steps``) is checked after it. Every error names the file, the section and the key,
+e.g. ``<file>: grid: model.init_args.patch_size: a list of values, got 2``. The keys' values are checked against
+the Transfusion parser later (``validate.py``), a ``compare.reference`` against the sweep's families on expanding
+(``expand.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lit_transfusion.commands.sweep.schema import PINNED, SAFE, Sweep, SweepError, SweepFile
+from lit_transfusion.commands.sweep.typecheck import build, fits, wrong
+
+# What a wrong value should have been, by where it is (``key[]``: an element of a list, ``key:`` a value of a
+# mapping); the rest say their type.
+WRONG = {
+    "name": "a name for the results directory, got {value!r}",
+    "base": "a config file or a list of them is required",
+    "overrides": "a mapping of dotted keys to values, got {value!r}",
+    "grid": "a mapping of dotted keys to lists of values, got {value!r}",
+    "grid:": "a list of values, got {value!r}",
+    "variants": "a non-empty list of {{name: ..., <dotted key>: <value>, ...}}",
+    "variants[]": "a mapping with a name, got {value!r}",
+    "seeds": "a non-empty list of integers, got {value!r}",
+    "budgets": "a non-empty list of compute budgets in FLOPs (e.g. [1.0e+12, 4.0e+12]), got {value!r}",
+    "budgets[]": "{value!r}: a positive number of FLOPs (e.g. 2.0e+12)",
+    "compare": "a mapping {{reference: <family>, metrics: [...]}}, got {value!r}",
+    "compare.metrics": "a non-empty list of metric names, got {value!r}",
+    "metrics": "a non-empty list of metric names, got {value!r}",
+    "parallel": "a positive integer, got {value!r}",
+    "slurm": "a mapping",
+}
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and check a sweep file (not yet its keys against the parser: ``validate.py``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"{path}: no such sweep file")
+    raw = yaml.safe_load(path.read_text()) or {}
+    sections = [f.name for f in dataclasses.fields(SweepFile)]
+    if not isinstance(raw, dict):
+        raise SweepError(f"{path}: expected a mapping of {', '.join(sections)}")
+    for key in raw:
+        if key not in sections:
+            raise SweepError(f"{path}: {key}: unknown key (expected one of {', '.join(sections)})")
+    raw = {k: v for k, v in raw.items() if v is not None or k not in ("name", "overrides", "slurm")}  # defaults
+    raw = {**raw, "grid": {}} if "grid" in raw and raw["grid"] is None else raw  # an empty grid: said so below
+    if not fits(raw, SweepFile):
+        where, what = wrong(raw, SweepFile, WRONG)
+        raise SweepError(f"{path}: {where}: {what}")
+    return _checked(build(SweepFile, raw), lambda where, what: SweepError(f"{path}: {where}: {what}"), path)
+
+
+def _checked(file: SweepFile, fail, path: Path) -> Sweep:
+    """What the types cannot say; the :class:`Sweep` of a file that passes."""
+    name = file.name or path.stem
+    if SAFE.search(name):
+        raise fail("name", f"{name!r}: use letters, digits and . _ = + , - (it names a directory)")
+    base = [file.base] if isinstance(file.base, str) else file.base
+    if not base or not all(base):
+        raise fail("base", WRONG["base"])
+    for b in base:
+        if not Path(b).is_file():
+            raise fail("base", f"{b}: no such file (paths are relative to the working directory)")
+    _keys(file.overrides, fail, "overrides")
+    grid = _grid(file.grid, fail)
+    variants = _variants(file.variants, fail)
+    if not grid and not variants:
+        raise fail("grid", "a sweep needs a grid or variants")
+    for variant in variants:  # in both, the outcome would be left to argument order (either may refine overrides)
+        for key in variant.keys() & grid.keys():
+            raise fail(f"variants[{variant['name']}]: {key}", "also in the grid")
+    if not file.seeds:
+        raise fail("seeds", WRONG["seeds"].format(value=file.seeds))
+    if len(set(file.seeds)) != len(file.seeds):
+        raise fail("seeds", f"repeated seeds in {file.seeds}")
+    if not file.metrics:
+        raise fail("metrics", WRONG["metrics"].format(value=file.metrics))
+    budgets = _budgets(file, grid, variants, fail)
+    return Sweep(path, name, base, dict(file.overrides), grid, variants, list(file.seeds), list(file.metrics),
+                 file.parallel, file.slurm, budgets, _compare(file, budgets, fail))
+
+
+def _keys(mapping: dict[str, Any], fail, where: str) -> None:
+    """Dotted keys, none of which the runner sets itself."""
+    for key in mapping:
+        if key.startswith("-") or not key:
+            raise fail(where, f"{key!r}: keys are dotted names like trainer.max_steps (no leading --)")
+        if any(key == p or key.startswith(p + ".") for p in PINNED):
+            raise fail(f"{where}: {key}", "set by the sweep runner (seeds: sets the seeds)")
+
+
+def _grid(grid: dict[str, list] | None, fail) -> dict[str, list]:
+    if grid is None:
+        return {}
+    _keys(grid, fail, "grid")
+    if not grid:
+        raise fail("grid", "empty (give each key a list of values, or leave grid out)")
+    for key, values in grid.items():
+        if not values:
+            raise fail(f"grid: {key}", "empty list of values")
+    return dict(grid)
+
+
+def _variants(variants: list[dict[str, Any]] | None, fail) -> list[dict[str, Any]]:
+    if variants is None:
+        return []
+    if not variants:
+        raise fail("variants", WRONG["variants"].format())
+    names: set[str] = set()
+    for i, variant in enumerate(variants):
+        name = variant.get("name")
+        if not isinstance(name, str) or not name:
+            raise fail(f"variants[{i}]", WRONG["variants[]"].format(value=variant))
+        if SAFE.search(name):
+            raise fail(f"variants[{i}]", f"name {name!r}: use letters, digits and . _ = + , -")
+        if name in names:
+            raise fail(f"variants[{i}]", f"duplicate variant name {name!r}")
+        names.add(name)
+        _keys({k: v for k, v in variant.items() if k != "name"}, fail, f"variants[{name}]")
+    return [{"name": v["name"], **{k: x for k, x in v.items() if k != "name"}} for v in variants]
+
+
+def _budgets(file: SweepFile, grid: dict, variants: list[dict], fail) -> list[float]:
+    """The budgets as floats, distinct (YAML reads ``2e12`` without a dot as text: the number it spells), and no
+    ``trainer.max_steps`` beside them (each run's FlopsBudget turns its budget into max_steps)."""
+    if file.budgets is None:
+        return []
+    if not file.budgets:
+        raise fail("budgets", WRONG["budgets"].format(value=file.budgets))
+    numbers = [float(b) for b in file.budgets]  # checked: numbers, or strings that spell one
+    for i, number in enumerate(numbers):
+        if number in numbers[:i]:
+            raise fail(f"budgets[{i}]", f"{file.budgets[i]!r}: repeated budget")
+    for where, mapping in [("overrides", file.overrides), ("grid", grid),
+                           *((f"variants[{v['name']}]", v) for v in variants)]:
+        if "trainer.max_steps" in mapping:
+            raise fail(f"{where}: trainer.max_steps", "set by budgets (each run's FlopsBudget turns its budget "
+                                                      "into max_steps); leave it out")
+    return numbers
+
+
+def _compare(file: SweepFile, budgets: list[float], fail) -> dict[str, Any] | None:
+    """``compare`` as {reference, metrics} with its metrics filled in (default: the sweep's ``metrics``)."""
+    if file.compare is None:
+        return None
+    if not budgets:
+        raise fail("compare", "needs budgets: (the compute grid each family's power law is fitted on)")
+    metrics = file.metrics if file.compare.metrics is None else file.compare.metrics
+    if not metrics:
+        raise fail("compare.metrics", WRONG["compare.metrics"].format(value=metrics))
+    return {"reference": file.compare.reference, "metrics": list(metrics)}

@@ -1,0 +1,102 @@
+"""The sweep file's schema: :class:`SweepFile` and its sections, typed dataclasses that jsonargparse checks a file
+against (``load.py``), and :class:`Sweep`, a loaded and checked file, which the rest of the command works from."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from jsonargparse.typing import PositiveInt, restricted_number_type
+
+# Set by the runner for every run: a sweep that sets them itself would be silently overridden.
+PINNED = ("seed_everything", "model.init_args.seed", "trainer.logger", "ckpt_path", "config")
+SAFE = re.compile(r"[^A-Za-z0-9._=+,-]")  # characters kept in a run id (it is a directory name)
+Flops = restricted_number_type("Flops", float, [(">", 0), ("<", math.inf)])  # a finite, positive compute budget
+
+
+class SweepError(Exception):
+    """A sweep file is wrong: the message names the file, the section and the key."""
+
+
+@dataclasses.dataclass
+class CompareSection:
+    """``compare:``: the equal-compute analysis (needs ``budgets``), written to equal_flops.md / .png."""
+
+    reference: str | None = None
+    """the family the others are matched against: a variant name with its grid point (a run id less budget and seed)"""
+    metrics: list[str] | None = None
+    """the metrics to fit and match (default: the sweep's ``metrics``)"""
+
+
+@dataclasses.dataclass
+class SlurmSection:
+    """``slurm:``: what each run asks SLURM for (``--slurm`` / ``--sbatch``; the command's flags override it)."""
+
+    partition: str | None = None
+    """SLURM partition (unset: the cluster's default)"""
+    time: int | str = 60
+    """time limit per run: minutes or "[D-]HH:MM[:SS]\""""
+    gpus: int | None = None
+    """GPUs per run (unset: none requested)"""
+    cpus: int = 1
+    """CPU cores per run"""
+    mem_gb: int | None = None
+    """memory per run in GB (unset: the cluster's default)"""
+    account: str | None = None
+    """SLURM account"""
+    qos: str | None = None
+    """SLURM quality of service"""
+    setup: list[str] = dataclasses.field(default_factory=list)
+    """shell lines run before each run, e.g. ["source .venv/bin/activate"]"""
+    additional: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """more #SBATCH options: name -> value"""
+
+
+@dataclasses.dataclass
+class SweepFile:
+    """What a sweep file (YAML) may say; every section but ``base`` may be left out."""
+
+    base: str | list[str]
+    """the runs' config file, or a list of them applied in order like repeated --config (relative to the working
+    directory)"""
+    name: str | None = None
+    """results go to <out>/<name>/ (default: the file's stem); letters, digits and . _ = + , -"""
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """dotted LightningCLI keys -> values, for every run (a variant or the grid may refine one)"""
+    grid: dict[str, list[Any]] | None = None
+    """cartesian product: dotted key -> list of values"""
+    variants: list[dict[str, Any]] | None = None
+    """named sets of overrides (ablations touching several keys): [{name: causal, <dotted key>: <value>}, ...]"""
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    """each run sets seed_everything and model.init_args.seed to its seed"""
+    budgets: list[Flops] | None = None
+    """train each run for these compute budgets (6·N·D FLOPs) instead of trainer.max_steps"""
+    compare: CompareSection | None = None
+    """equal-compute analysis of the budget runs"""
+    metrics: list[str] = dataclasses.field(default_factory=lambda: ["val/loss"])
+    """what results.md and curves.png show (results.csv has every val/ metric)"""
+    parallel: PositiveInt = 1
+    """local runs at a time; each gets cores // parallel threads"""
+    slurm: SlurmSection = dataclasses.field(default_factory=SlurmSection)
+    """SLURM resources per run"""
+
+
+@dataclasses.dataclass
+class Sweep:
+    """A loaded, checked sweep file: :class:`SweepFile` with its defaults filled in (``compare``: its metrics)."""
+
+    file: Path
+    name: str
+    base: list[str]
+    overrides: dict[str, Any]
+    grid: dict[str, list]
+    variants: list[dict[str, Any]]
+    seeds: list[int]
+    metrics: list[str]
+    parallel: int = 1
+    slurm: SlurmSection = dataclasses.field(default_factory=SlurmSection)
+    budgets: list[float] = dataclasses.field(default_factory=list)
+    compare: dict[str, Any] | None = None  # {"reference": family, "metrics": [...]}, metrics filled in
