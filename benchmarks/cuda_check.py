@@ -37,7 +37,7 @@ def build(config: str, *overrides: str):
 def compare_attention(module, batch) -> None:
     results = {}
     for attention in ("sdpa", "flex"):
-        module.hparams.attention = attention
+        module.attention = attention
         module.zero_grad(set_to_none=True)
         out = module.losses(batch, generator=torch.Generator("cuda").manual_seed(0))
         out["loss"].backward()
@@ -53,22 +53,21 @@ def compare_attention(module, batch) -> None:
 
 def compare_sampling(module, dm) -> None:
     from lit_transfusion.batch import SpecialIds
-    from lit_transfusion.generation import SamplingConfig, TransfusionSampler
+    from lit_transfusion.generation import SamplingConfig
 
     special = SpecialIds(**dm.special_ids)
     captions = [dm.tokenizer.encode(c) for c in ("a red circle", "a blue square left of a green triangle")]
     cfg = SamplingConfig(scheduler="ddim", steps=20, guidance_scale=3.0, seed=0)
     module.eval()
     with torch.no_grad():
-        outs = [TransfusionSampler(module.model, module.diffusion, special, use_cache=c).generate_images(captions, cfg)
-                for c in (True, False)]
+        outs = [module.sampler(special, use_cache=c).generate_images(captions, cfg) for c in (True, False)]
     module.train()
     diff = (outs[0] - outs[1]).abs().max().item()
     print(f"[{'ok' if diff < 1e-3 else 'FAIL'}] cached vs uncached sampling on cuda: max |Δlatent| {diff:.2e}")
 
 
 def time_steps(module, batches, attention: str, bf16: bool) -> float:
-    module.hparams.attention = attention
+    module.attention = attention
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
     times = []
     for i, b in enumerate(batches):

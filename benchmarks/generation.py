@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lit_transfusion.batch import SpecialIds  # noqa: E402
-from lit_transfusion.generation import SamplingConfig, TransfusionSampler  # noqa: E402
+from lit_transfusion.generation import SamplingConfig  # noqa: E402
 from lit_transfusion.module import TransfusionModule  # noqa: E402
 
 
@@ -46,8 +46,8 @@ def main() -> None:
         module = TransfusionModule(vocab_size=512, special_ids=vars(special), latent_shape=(4, 8, 8),
                                    size="tiny", max_seq_len=512)
     module.eval()
-    cached = TransfusionSampler(module.model, module.diffusion, special, use_cache=True)
-    full = TransfusionSampler(module.model, module.diffusion, special, use_cache=False)
+    cached = module.sampler(special, use_cache=True)
+    full = module.sampler(special, use_cache=False)
     V = module.hparams.vocab_size
     torch.manual_seed(1)
     caption = torch.randint(5, V, (8,)).tolist()

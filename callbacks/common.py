@@ -1,8 +1,9 @@
 """What the evaluation callbacks share: when they run (every n-th validation, and ``test``), on which ranks, where
 their outputs go (``metrics.json``, sample grids as PNG and TensorBoard images), and image generation to uint8.
 
-``EvaluationCallback`` is the hook skeleton; a subclass supplies ``check_datamodule`` and ``compute`` and names
-the metrics it computes (``METRICS``), so ``metrics.json`` keeps them only from the evaluations that produced them.
+``EvaluationCallback`` is the hook skeleton; ``callbacks.core.EvaluationCore`` supplies ``compute`` (the metrics every
+dataset shares) and names them (``METRICS``), so ``metrics.json`` keeps them only from the evaluations that produced
+them. The split evaluated is the datamodule's (``MixedModalData.evaluation_split``).
 
 Ranks: generation runs on global rank 0 only and is logged with ``rank_zero_only=True`` (other ranks go on and
 meet rank 0 at the next collective). Under FSDP (``FSDPStrategy``, or FSDP2's ``ModelParallelStrategy``) a
@@ -28,8 +29,9 @@ class EvaluationCallback(L.Callback):
     """Runs ``compute`` at the end of every ``every_n_evals``-th validation (0: only in ``test``) and in ``test``,
     logs what it returns, and writes ``metrics.json`` (validation: latest + history) or ``metrics_test.json``.
 
-    Subclasses implement ``check_datamodule(dm)`` (raise ``TypeError`` for a datamodule they cannot read) and
-    ``compute(pl_module, dm, split, log_dir=, step=, logger=, stage=) -> {"{stage}/<name>": float}``.
+    Subclasses implement ``check_datamodule(dm)`` (raise ``TypeError`` for a datamodule they cannot read; called
+    once per evaluation, here) and ``compute(pl_module, dm, split, log_dir=, step=, logger=, stage=) ->
+    {"{stage}/<name>": float}``.
     """
 
     METRICS: tuple[str, ...] = ()  # prefixes of the metric names (after "{stage}/") that ``compute`` returns
@@ -48,10 +50,6 @@ class EvaluationCallback(L.Callback):
     def compute(self, pl_module, dm, split: str, log_dir: Path | None = None, step: int = 0, logger=None,
                 stage: str = "val") -> dict[str, float]:
         raise NotImplementedError
-
-    def split(self, stage: str) -> str:
-        """The datamodule split evaluated at ``stage`` ("val" or "test")."""
-        return "val" if stage == "val" else "test"
 
     # ------------------------------------------------------------------------------------------- hooks
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -80,8 +78,8 @@ class EvaluationCallback(L.Callback):
         self._last = {}
         if not (trainer.is_global_zero or sharded):
             return
-        split = self.split(stage)
         dm = trainer.datamodule
+        split = dm.evaluation_split(stage)  # lit_transfusion.data.MixedModalData
         self.check_datamodule(dm)
         start = time.perf_counter()
         was_training = pl_module.training

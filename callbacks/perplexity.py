@@ -17,15 +17,15 @@ def perplexity(module, batches: list[Batch]) -> float:
     """exp(mean next-token cross-entropy) over every target position of ``batches``.
 
     Args:
-        module: a ``TransfusionModule`` (called on each batch with its images clean, t = 0) or a ``ChameleonModule``.
+        module: a ``MixedModalModule`` (Transfusion or Chameleon), called on each batch with its images clean
+            (``representation.clean_inputs``: latents at t = 0, or nothing for codes, which are tokens).
         batches: packed batches (``pack_rows``); moved to the module's device here.
     """
     # sync_on_compute=False: callers evaluate on one rank; a cross-rank gather here would wait forever.
     metric = Perplexity(ignore_index=IGNORE, sync_on_compute=False).to(module.device)
     for batch in batches:
         batch = batch.to(module.device)
-        t = torch.zeros(batch.num_images, dtype=torch.long, device=module.device)
-        out = module(batch, batch.latents, t)
+        out = module(batch)
         # Text targets only: a discrete-token model also predicts image codes, which are no part of a text perplexity.
         logits, targets = module.model.target_logits(out.hidden, module.text_targets(batch.targets))  # [n, V], [n]
         if targets.numel():

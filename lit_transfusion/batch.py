@@ -60,6 +60,13 @@ Segment = Text | Image
 Document = list  # list[Segment]
 
 
+def code_segment(codes: Tensor, special: SpecialIds) -> Text:
+    """An image's VQ codes [h, w] or [1, h, w] (raster order, 0..K-1) -> the text segment ``<boi> codes <eoi>``
+    (the discrete-token baseline's image: codes are ids ``first_code + k`` after the text vocabulary)."""
+    ids = (codes.flatten().long() + special.first_code).tolist()
+    return Text([special.boi, *ids, special.eoi])
+
+
 # What a left pad (or any filler position) holds in each per-position field: its own "document" (-1), no image.
 _FILL = {"tokens": 0, "positions": 0, "doc_ids": -1, "image_ids": -1, "patch_ids": -1}
 
@@ -287,3 +294,46 @@ def greedy_rows(docs: Sequence[Document], seq_len: int, patches_per_image: int) 
             rows.append([doc])
             free.append(seq_len - n)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+@dataclass(frozen=True)
+class PairLayout:
+    """How an (image, caption) pair becomes a training document (the paper's three layouts, drawn in this order):
+
+    image first      ``<bos> <boi> image <eoi> caption <eos>``, t capped at ``noise_limit``  (``image_first_ratio``)
+    null caption     ``<bos> <boi> image <eoi> <eos>``, no LM loss on the empty caption (CFG) (``caption_dropout``
+                     of the rest)
+    caption -> image ``<bos> caption <boi> image <eoi> <eos>``                                (the rest)
+    """
+
+    image_first_ratio: float = 0.2
+    caption_dropout: float = 0.1
+    noise_limit: int = 500
+
+
+def caption_image_document(caption: list[int], image: Segment, special: SpecialIds) -> Document:
+    """``<bos> caption <boi> image <eoi> <eos>``: the generation layout (evaluation, cond-gap pairs)."""
+    return [Text([special.bos] + list(caption)), image, Text([special.eos])]
+
+
+def pair_document(caption: list[int], image, rng, layout: PairLayout, special: SpecialIds) -> Document:
+    """One of ``layout``'s documents for a pair, drawn with ``rng`` (a numpy Generator: one draw for image-first,
+    then one for dropout). ``image(t_max)`` gives the image segment whose training timestep is capped at ``t_max``
+    (an ``Image``, or the code run of the discrete-token baseline, which ignores it)."""
+    if rng.random() < layout.image_first_ratio:
+        return [Text([special.bos]), image(layout.noise_limit), Text(list(caption) + [special.eos])]
+    if rng.random() < layout.caption_dropout:
+        return [Text([special.bos], loss=False), image(1000), Text([special.eos])]
+    return caption_image_document(caption, image(1000), special)
+
+
+def shifted_caption_pairs(docs: Sequence[Document], rng) -> list[tuple[Document, Document]]:
+    """(true, shuffled) pairs for ``val/cond_gap`` from caption -> image documents: document ``i`` with the caption
+    (first segment) of document ``(i + s) % n``, one shift ``s`` in [1, n) drawn with ``rng``, so no image keeps its
+    own caption. Fewer than two documents: no pairs."""
+    n = len(docs)
+    if n < 2:
+        return []
+    shift = int(rng.integers(1, n))
+    return [(doc, [docs[(i + shift) % n][0], *doc[1:]]) for i, doc in enumerate(docs)]

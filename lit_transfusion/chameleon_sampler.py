@@ -14,15 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lit_transfusion.batch import Image, SpecialIds, Text
+from lit_transfusion.batch import Image, SpecialIds, Text, code_segment
 from lit_transfusion.generation import SamplingConfig, State, TransfusionSampler, _stack, sample_logits
 from lit_transfusion.model import TransfusionModel
-
-
-def code_segment(codes: Tensor, special: SpecialIds) -> Text:
-    """An image's codes [h, w] or [1, h, w] (raster order, 0..K-1) -> the text segment ``<boi> codes <eoi>``."""
-    ids = (codes.flatten().long() + special.first_code).tolist()
-    return Text([special.boi, *ids, special.eoi])
 
 
 class ChameleonSampler(TransfusionSampler):

@@ -5,9 +5,10 @@
 
 The directory holds ``model.safetensors`` (the network's weights: the EMA weights when the run averaged them,
 since Lightning's ``EMAWeightAveraging`` stores those as the checkpoint's ``state_dict``), ``config.json`` (the
-module's hyper-parameters and the image size), ``tokenizer.json`` and ``vae/`` (the diffusers autoencoder). A
-Lightning checkpoint is a pickle, and unpickling a file from someone else can run their code; safetensors and
-JSON cannot.
+module's class, hyper-parameters and image size), ``tokenizer.json`` and the frozen codec as a diffusers
+directory: ``vae/`` (the autoencoder of a ``TransfusionModule``) or ``vq/`` (the VQ tokenizer of a
+``ChameleonModule``). A Lightning checkpoint is a pickle, and unpickling a file from someone else can run their
+code; safetensors and JSON cannot.
 """
 
 from __future__ import annotations
@@ -16,8 +17,27 @@ import json
 import shutil
 from pathlib import Path
 
-FORMAT = "lit_transfusion-export/1"
-WEIGHTS, CONFIG, TOKENIZER, VAE = "model.safetensors", "config.json", "tokenizer.json", "vae"
+FORMAT = "lit_transfusion-export/2"
+READABLE = ("lit_transfusion-export/1", FORMAT)  # /1: Transfusion only, codec in vae/
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+VAE = "vae"  # the codec's directory in format /1
+
+
+def modules() -> dict[str, type]:
+    """The module classes an export may name (by key, never by import path: loading an export runs no code that
+    the export chose)."""
+    from lit_transfusion.chameleon import ChameleonModule
+    from lit_transfusion.module import TransfusionModule
+
+    return {"transfusion": TransfusionModule, "chameleon": ChameleonModule}
+
+
+def codecs() -> dict[str, type]:
+    """The codec classes an export may hold, by the name of their directory."""
+    from lit_transfusion.vae import LatentCodec
+    from lit_transfusion.vq import CodeCodec
+
+    return {"vae": LatentCodec, "vq": CodeCodec}
 
 
 def is_export(path: str | Path) -> bool:
@@ -29,53 +49,58 @@ def export(ckpt_path: str, out: str) -> Path:
     """Write the export of a checkpoint written by ``fit`` (a file, or the directory FSDP2 writes) to ``out``.
 
     Args:
-        ckpt_path: the checkpoint.
+        ckpt_path: the checkpoint (any shipped module: TransfusionModule, ChameleonModule).
         out: the directory to write (created; existing files of the export are replaced).
     """
     from safetensors.torch import save_file
 
-    from lit_transfusion.module import TransfusionModule
     from lit_transfusion.sample import load_run
 
     module, tokenizer, codec, image_size = load_run(ckpt_path)
-    if type(module) is not TransfusionModule:
-        raise ValueError(f"--ckpt_path {ckpt_path!r} holds a {type(module).__name__}: export writes Transfusion "
-                         "models (with their VAE); sample other models from their checkpoint")
+    kind = next((k for k, cls in modules().items() if type(module) is cls), None)
+    codec_dir = next((k for k, cls in codecs().items() if type(codec) is cls), None)
+    if kind is None or codec_dir is None:
+        raise ValueError(f"--ckpt_path {ckpt_path!r} holds a {type(module).__name__} with a {type(codec).__name__}: "
+                         f"export writes {', '.join(c.__name__ for c in modules().values())}")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in module.model.state_dict().items()}
     save_file(weights, out_dir / WEIGHTS, metadata={"format": FORMAT})
     hparams = json.loads(json.dumps(dict(module.hparams)))  # tuples -> lists; fails loudly on anything non-JSON
-    (out_dir / CONFIG).write_text(json.dumps({"format": FORMAT, "module": hparams, "image_size": image_size},
-                                             indent=2))
+    (out_dir / CONFIG).write_text(json.dumps({"format": FORMAT, "module_class": kind, "module": hparams,
+                                              "codec": codec_dir, "image_size": image_size}, indent=2))
     tokenizer.tk.save(str(out_dir / TOKENIZER))
-    if (out_dir / VAE).exists():
-        shutil.rmtree(out_dir / VAE)
-    codec.vae.save_pretrained(out_dir / VAE, safe_serialization=True)
+    for name in codecs():  # one codec directory: an earlier export's other kind would be misleading
+        if (out_dir / name).exists():
+            shutil.rmtree(out_dir / name)
+    codec.save(out_dir / codec_dir)
     return out_dir
 
 
 def load_export(path: str | Path, device: str = "cpu"):
-    """(module in eval mode, tokenizer, codec, image size) from an export directory, with no pickle load."""
+    """(module in eval mode with its codec attached, tokenizer, codec, image size) from an export directory, with
+    no pickle load."""
     from safetensors.torch import load_file
 
-    from lit_transfusion.module import TransfusionModule
     from lit_transfusion.tokenizer import TextTokenizer
-    from lit_transfusion.vae import LatentCodec
 
     path = Path(path)
     config = json.loads((path / CONFIG).read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{path / CONFIG}: format {config.get('format')!r}, expected {FORMAT!r}")
+    if config.get("format") not in READABLE:
+        raise ValueError(f"{path / CONFIG}: format {config.get('format')!r}, expected one of {READABLE}")
+    kind, codec_dir = config.get("module_class", "transfusion"), config.get("codec", VAE)
+    if kind not in modules() or codec_dir not in codecs():
+        raise ValueError(f"{path / CONFIG}: module_class {kind!r} / codec {codec_dir!r}: expected one of "
+                         f"{sorted(modules())} / {sorted(codecs())}")
     hparams = config["module"]
     hparams["latent_shape"] = tuple(hparams["latent_shape"])
     hparams["empty_init"] = False  # one process, the weights loaded right below
-    module = TransfusionModule(**hparams)
+    module = modules()[kind](**hparams)
     module.model.load_state_dict(load_file(path / WEIGHTS, device="cpu"))
     module.to(device)
+    module.attach_codec(codecs()[codec_dir].from_dir(path / codec_dir))
     tokenizer = TextTokenizer.from_file(path / TOKENIZER)
-    codec = LatentCodec.from_dir(path / VAE).to(device)
-    return module.eval(), tokenizer, codec, int(config["image_size"])
+    return module.eval(), tokenizer, module.codec, int(config["image_size"])
 
 
 def main(argv: list[str]) -> None:

@@ -8,8 +8,9 @@
 
 The sampling options and their defaults are those of ``SamplingConfig`` (one source for this command, the
 evaluation callback and Python users). The run directory (``<run>/config.yaml`` written by ``fit``, two levels
-above the checkpoint) says which
-datamodule made the data; it is rebuilt (cheap: no images) to recover the tokenizer and the VAE.
+above the checkpoint) says which datamodule made the data; it is rebuilt (cheap: no images) to recover the
+tokenizer and the codec (``MixedModalData.image_codec``: the VAE, or the VQ tokenizer of the token baseline),
+which is attached to the module: generation goes through ``module.sampler()`` and ``module.codec``.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import yaml
 from jsonargparse import ArgumentParser, Namespace
 from jsonargparse.typing import PositiveInt
 
-from lit_transfusion.batch import SpecialIds
+from lit_transfusion.data import MixedModalData
 from lit_transfusion.generation import SamplingConfig
+from lit_transfusion.images import images_to_tensor
 
 
 class SampleError(Exception):
@@ -36,11 +38,12 @@ class SampleError(Exception):
 
 
 def load_run(ckpt_path: str | Path, device: str = "cpu"):
-    """(module in eval mode, tokenizer, codec, image size) from an export directory (``export.py``: no pickle
-    load), or from a checkpoint written by ``fit`` and its run directory (loaded weights-only)."""
+    """(module in eval mode with its codec attached, tokenizer, codec, image size) from an export directory
+    (``export.py``: no pickle load), or from a checkpoint written by ``fit`` and its run directory (loaded
+    weights-only). The run's datamodule (a ``lit_transfusion.data.MixedModalData``) is rebuilt for its tokenizer,
+    codec and image size."""
     from lit_transfusion.export import is_export, load_export
-    from lit_transfusion.module import TransfusionModule
-    from lit_transfusion.vae import LatentCodec
+    from lit_transfusion.training import MixedModalModule
 
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.exists():
@@ -52,14 +55,10 @@ def load_run(ckpt_path: str | Path, device: str = "cpu"):
         raise SampleError(f"no config.yaml next to the checkpoint's run directory ({config_path}); "
                           "expected a checkpoint written by `python -m lit_transfusion fit`")
     config = yaml.safe_load(config_path.read_text())
-    # The run's own module class: TransfusionModule, or a subclass such as the discrete-token ChameleonModule.
-    module_cls = TransfusionModule
-    model_path = (config.get("model") or {}).get("class_path", "")
-    if model_path:
-        owner, _, name = model_path.rpartition(".")
-        module_cls = getattr(importlib.import_module(owner), name)
-        if not (isinstance(module_cls, type) and issubclass(module_cls, TransfusionModule)):
-            raise SampleError(f"{config_path}: model.class_path {model_path!r} is not a TransfusionModule (subclass)")
+    # The run's own module class: TransfusionModule, ChameleonModule, or another MixedModalModule.
+    module_cls = _class(config, "model", "lit_transfusion.module.TransfusionModule", config_path)
+    if not (isinstance(module_cls, type) and issubclass(module_cls, MixedModalModule)):
+        raise SampleError(f"{config_path}: model.class_path {module_cls!r} is not a MixedModalModule (subclass)")
     try:
         source = _consolidated(ckpt_path) if ckpt_path.is_dir() else ckpt_path
         # weights_only: a Lightning checkpoint holds only tensors and plain containers (tested)
@@ -69,20 +68,20 @@ def load_run(ckpt_path: str | Path, device: str = "cpu"):
     except Exception as e:  # torch raises many kinds for a truncated / foreign file
         raise SampleError(f"--ckpt_path {str(ckpt_path)!r} is not a readable TransfusionModule checkpoint: "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    data_cfg = config["data"]
-    module_name, _, cls_name = data_cfg["class_path"].rpartition(".")
-    init_args = dict(data_cfg.get("init_args") or {})
+    init_args = dict(config["data"].get("init_args") or {})
     init_args["patch_size"] = module.hparams.patch_size
-    dm = getattr(importlib.import_module(module_name), cls_name)(**init_args)
-    # A datamodule names its VAE and image size as properties (prepared data: from its manifest) or settings; one
-    # that can hold images as codes gives its codec itself.
-    image_size = getattr(dm, "image_size", None) or dm.hparams.image_size
-    if hasattr(dm, "image_codec"):
-        codec = dm.image_codec().to(device)
-    else:
-        vae_path = getattr(dm, "vae_path", None) or dm.hparams.vae_path
-        codec = LatentCodec.from_dir(vae_path).to(device)
-    return module.eval(), dm.tokenizer, codec, int(image_size)
+    dm: MixedModalData = _class(config, "data", None, config_path)(**init_args)
+    module.attach_codec(dm.image_codec())
+    return module.eval(), dm.tokenizer, module.codec, int(dm.image_size)
+
+
+def _class(config: dict, key: str, default: str | None, config_path: Path) -> type:
+    """The class named by ``config[key]["class_path"]`` (or ``default``) in a run's config.yaml."""
+    path = (config.get(key) or {}).get("class_path") or default
+    if not path:
+        raise SampleError(f"{config_path}: no {key}.class_path")
+    owner, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(owner), name)
 
 
 def _consolidated(folder: Path) -> io.BytesIO:
@@ -117,7 +116,7 @@ def _read_image(path: Path, size: int) -> torch.Tensor:
         raise SampleError(f"--image {str(path)!r} is not a readable image (PNG/JPEG): {e}") from e
     side = min(img.shape[-2:])
     img = resize(center_crop(img, [side, side]), [size, size], antialias=True)
-    return img[None].float() / 127.5 - 1
+    return images_to_tensor(img.permute(1, 2, 0)[None])  # [1, 3, size, size] in [-1, 1]
 
 
 def run(
@@ -154,7 +153,7 @@ def run(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     module, tok, codec, image_size = load_run(ckpt_path, device)
-    sampler = module.sampler(SpecialIds(**module.special))  # the model's ids (a token baseline's incl. first_code)
+    sampler = module.sampler()  # the model's own ids (a token baseline's incl. first_code)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict = {}

@@ -24,25 +24,14 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from lightning.pytorch import LightningModule
 
+from lit_transfusion.images import images_to_tensor, tensor_to_images  # noqa: F401 (their former home)
 from lit_transfusion.schedule import WarmupCosine, training_timer
 
 _CONFIG = "config.json"
 _WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
-# ----------------------------------------------------------------------------- image <-> tensor helpers
-def images_to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 ``[N, H, W, 3]`` (numpy or tensor) -> float32 ``[N, 3, H, W]`` in ``[-1, 1]``."""
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def tensor_to_images(x: torch.Tensor) -> np.ndarray:
-    """float ``[N, 3, H, W]`` in ``[-1, 1]`` -> uint8 numpy ``[N, H, W, 3]`` (clamped, rounded)."""
-    x = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
+# ----------------------------------------------------------------------------- metrics
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean per-image PSNR (dB) of ``[N, 3, H, W]`` tensors in ``[-1, 1]``, measured on the ``[0, 1]`` range."""
     mse01 = ((x.clamp(-1, 1) - y) / 2).pow(2).flatten(1).mean(1)  # /2 maps a [-1,1] difference to [0,1]
@@ -284,6 +273,10 @@ class LatentCodec(torch.nn.Module):
     def from_dir(cls, path: str | Path) -> LatentCodec:
         VAE_DIR.check_weights(path)
         return cls(AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=False))  # no `accelerate` warning
+
+    def save(self, path: str | Path) -> None:
+        """Write the autoencoder as a diffusers directory (safetensors) that :meth:`from_dir` reads."""
+        self.vae.save_pretrained(str(path), safe_serialization=True)
 
     def train(self, mode: bool = True) -> LatentCodec:
         return super().train(False)  # always frozen: GroupNorm has no running stats, but keep eval semantics

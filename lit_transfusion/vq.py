@@ -308,6 +308,10 @@ class CodeCodec(torch.nn.Module):
         VQ_DIR.check_weights(path)
         return cls(VQModel.from_pretrained(str(path), low_cpu_mem_usage=False))  # no `accelerate` warning
 
+    def save(self, path: str | Path) -> None:
+        """Write the tokenizer as a diffusers directory (safetensors) that :meth:`from_dir` reads."""
+        self.vq.save_pretrained(str(path), safe_serialization=True)
+
     def train(self, mode: bool = True) -> CodeCodec:
         return super().train(False)  # always frozen, whatever a parent module does
 

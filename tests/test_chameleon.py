@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from callbacks.perplexity import perplexity
-from lit_transfusion.batch import IGNORE, SpecialIds, Text, pack_rows
+from lit_transfusion.batch import IGNORE, SpecialIds, Text, code_segment, pack_rows
 from lit_transfusion.chameleon import ChameleonModule
-from lit_transfusion.chameleon_sampler import ChameleonSampler, code_segment
+from lit_transfusion.chameleon_sampler import ChameleonSampler
 from lit_transfusion.generation import SamplingConfig
 from tests.conftest import ROOT, run_cli
 
@@ -78,7 +78,7 @@ def test_code_nll_per_document_matches_brute_force():
         codes = torch.randint(0, K, (1, 2, 2), generator=gen)
         docs.append([Text([SP.bos] + list(range(5, 5 + n))), code_segment(codes, SP), Text([SP.eos])])
     batch = pack_rows([[d] for d in docs], 16, 1, SP)
-    got = m.code_nll_per_document(batch)
+    got = m.representation.code_nll_per_document(m, batch)
     for row in range(2):
         logp = m.model.logits(m(batch).hidden).float().log_softmax(-1)[row]
         t = batch.targets[row]
@@ -212,7 +212,7 @@ def test_datamodule_code_mode(tmp_path, vq_dir):
             assert all(first <= t < first + 32 for t in row[s + 1 : s + 65]) and row[s + 65] == dm.tokenizer.special.eoi
         assert sum(first <= t for t in row) == 64 * len(starts)
     # The stored codes are the tokenizer's codes of the rendered images.
-    from lit_transfusion.vae import images_to_tensor
+    from lit_transfusion.images import images_to_tensor
     from lit_transfusion.vq import CodeCodec
 
     image = images_to_tensor(dm.world.sample("train", 3).image[None])
@@ -248,6 +248,15 @@ def test_fit_test_sample_through_the_cli(tmp_path, vq_dir):
     caption = run_cli("sample", f"--ckpt_path={ckpt}", f"--image={out / '000_0.png'}", f"--out={out / 'c'}")
     assert caption.returncode == 0, caption.stderr[-3000:]
     assert "caption" in json.loads((out / "c" / "samples.json").read_text())
+    # export writes the token baseline too (its VQ tokenizer as the codec); sample runs from the export
+    exported = tmp_path / "export"
+    export = run_cli("export", f"--ckpt_path={ckpt}", f"--out={exported}")
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert {p.name for p in exported.iterdir()} == {"model.safetensors", "config.json", "tokenizer.json", "vq"}
+    from_export = run_cli("sample", f"--ckpt_path={exported}", "--prompt", "a blue square", "--num_images=1",
+                          f"--out={out / 'e'}")
+    assert from_export.returncode == 0, from_export.stderr[-3000:]
+    assert (out / "e" / "grid.png").is_file()
 
 
 def test_shipped_config_is_the_tiny_recipe_with_codes():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lit_transfusion.attention import dense_mask
-from lit_transfusion.generation import SamplingConfig, TransfusionSampler
+from lit_transfusion.generation import SamplingConfig
 from lit_transfusion.module import TransfusionModule
 from tests.conftest import SPECIAL
 
@@ -34,8 +34,8 @@ def flow_module():
 
 
 def samplers(module):
-    return (TransfusionSampler(module.model, module.diffusion, SPECIAL, use_cache=True),
-            TransfusionSampler(module.model, module.diffusion, SPECIAL, use_cache=False))
+    return (module.sampler(SPECIAL, use_cache=True),
+            module.sampler(SPECIAL, use_cache=False))
 
 
 def test_text_cached_equals_uncached_for_ragged_batch(module):

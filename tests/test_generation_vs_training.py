@@ -45,7 +45,7 @@ def module(request) -> TransfusionModule:
 
 
 def sampler(module, use_cache=True) -> TransfusionSampler:
-    return TransfusionSampler(module.model, module.diffusion, SPECIAL, use_cache=use_cache)
+    return module.sampler(SPECIAL, use_cache=use_cache)
 
 
 @contextmanager

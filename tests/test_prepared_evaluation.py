@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -17,9 +16,8 @@ from callbacks.common import generate_uint8
 from callbacks.prepared import PreparedEvaluation
 from datamodules.files.streaming import PreparedDataModule
 from lit_transfusion.batch import SpecialIds
-from lit_transfusion.generation import SamplingConfig, TransfusionSampler
+from lit_transfusion.generation import SamplingConfig
 from lit_transfusion.module import TransfusionModule
-from lit_transfusion.vae import LatentCodec
 from tests.conftest import randomize_output_heads
 from tests.prepared_data import write_prepared
 
@@ -48,6 +46,7 @@ def module(dm, one_thread):
     torch.manual_seed(0)
     model = TransfusionModule(vocab_size=dm.vocab_size, special_ids=dm.special_ids, latent_shape=dm.latent_shape,
                               size="nano", max_seq_len=128, patch_size=2)
+    model.attach_codec(dm.image_codec())  # outside a trainer nothing attaches the datamodule's codec
     return randomize_output_heads(model).eval()
 
 
@@ -125,15 +124,12 @@ def test_missing_inception_file_and_unknown_feature_fail_at_construction(tmp_pat
         PreparedEvaluation(fid_feature="clip")
 
 
-def test_wrong_datamodule_raises_type_error_naming_what_is_missing(module):
-    cb = PreparedEvaluation(fid_feature="shapes", sampling=FAST)
-    partial = SimpleNamespace(tokenizer=None, special_ids={}, vae_path="", patches_per_image=16)
-    with pytest.raises(TypeError, match="PreparedDataModule") as info:
-        cb.compute(module, partial, "val")
-    message = str(info.value)
-    for name in ("hparams", "caption_documents", "text_documents", "heldout_images", "heldout_captions"):
-        assert name in message
-    assert "vae_path" not in message and "tokenizer" not in message
+def test_evaluates_any_mixed_modal_data_through_the_module(dm, module):
+    # The core reads the datamodule's MixedModalData interface only, and images only through module.codec.
+    cb = PreparedEvaluation(prompts=["a star"], grid_images=1, fid_images=2, fid_feature="shapes",
+                            num_captions=1, ppl_documents=2, sampling=FAST)
+    assert cb.check_datamodule(dm) is None and dm.evaluation_split("test") == "val"
+    assert sorted(cb.compute(module, dm, "val")) == ["val/fid", "val/ppl_caption", "val/ppl_text"]
 
 
 def test_validation_hooks_write_metrics_json_history(dm, module, tmp_path):
@@ -162,8 +158,7 @@ def test_validation_hooks_write_metrics_json_history(dm, module, tmp_path):
 
 
 def test_generate_in_chunks_draws_new_noise_per_chunk(dm, module):
-    sampler = TransfusionSampler(module.model, module.diffusion, SpecialIds(**dm.special_ids))
-    codec = LatentCodec.from_dir(dm.vae_path)
+    sampler, codec = module.sampler(SpecialIds(**dm.special_ids)), module.codec
     ids = [dm.tokenizer.encode("a red circle")] * 4
     whole = generate_uint8(sampler, codec, ids, FAST)  # uint8 [4, 3, 32, 32]
     chunked = generate_uint8(sampler, codec, ids, FAST, batch_size=2)

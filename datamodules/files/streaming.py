@@ -43,15 +43,20 @@ from lit_transfusion.batch import (
     CaptionPairs,
     Document,
     Image,
+    PairLayout,
     SpecialIds,
     Text,
+    caption_image_document,
     document_length,
     greedy_rows,
     pack_pairs,
     pack_rows,
+    pair_document,
+    shifted_caption_pairs,
 )
 from lit_transfusion.errors import SettingError
 from lit_transfusion.tokenizer import TextTokenizer
+from lit_transfusion.vae import LatentCodec
 
 
 class NoValidationData(SettingError):
@@ -61,7 +66,7 @@ class NoValidationData(SettingError):
 
 
 class PreparedDataModule(L.LightningDataModule):
-    """Packed documents streamed from a prepared directory.
+    """Packed documents streamed from a prepared directory (a ``lit_transfusion.data.MixedModalData``).
 
     Args:
         data_dir: a directory written by ``python -m lit_transfusion prepare`` (``manifest.json``, ``tokenizer.json``
@@ -216,6 +221,18 @@ class PreparedDataModule(L.LightningDataModule):
         return (h // p) * (w // p)
 
     @property
+    def seq_len(self) -> int:
+        return self.hparams.seq_len
+
+    @property
+    def patch_size(self) -> int:
+        return self.hparams.patch_size
+
+    def image_codec(self) -> LatentCodec:
+        """The VAE the latents were encoded with (loaded here)."""
+        return LatentCodec.from_dir(self.vae_path)
+
+    @property
     def vae_path(self) -> str:
         """The VAE the latents were encoded with (decode them with ``LatentCodec.from_dir(vae_path)``)."""
         path = Path(self._manifest.vae_path)
@@ -323,14 +340,16 @@ class PreparedDataModule(L.LightningDataModule):
         sp = self._tokenizer.special
         loaders = [DataLoader(rows, batch_size=hp.batch_size, shuffle=False,
                               collate_fn=_PackRows(hp.seq_len, hp.patch_size, sp))]
-        captions = self.caption_documents(split, hp.cond_gap_pairs)
-        n = len(captions)
-        if n >= 2:  # a caption of another image needs another image
-            shift = int(np.random.default_rng([hp.seed, 7]).integers(1, n))
-            pairs = [(doc, [captions[(i + shift) % n][0], doc[1], doc[2]]) for i, doc in enumerate(captions)]
+        pairs = self.cond_gap_pairs(split)
+        if pairs:  # a caption of another image needs another image
             # One document per row keeps images in the same order in both batches.
             loaders.append(DataLoader(pairs, batch_size=64, shuffle=False, collate_fn=_PackPairs(hp.patch_size, sp)))
         return loaders
+
+    def cond_gap_pairs(self, split: str) -> list[tuple[Document, Document]]:
+        """(true caption, shifted caption) caption->image documents of the first ``cond_gap_pairs`` PAIR samples."""
+        captions = self.caption_documents(split, self.hparams.cond_gap_pairs)
+        return shifted_caption_pairs(captions, np.random.default_rng([self.hparams.seed, 7]))
 
     def val_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders("val")
@@ -338,7 +357,10 @@ class PreparedDataModule(L.LightningDataModule):
     def test_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders("val")
 
-    # --------------------------------------------------------------------- evaluation (callbacks use these)
+    # ------------------------------------------------------------------------- evaluation (MixedModalData)
+    def evaluation_split(self, stage: str) -> str:
+        return "val"  # prepared data holds no test split: test evaluates "val" too
+
     def eval_samples(self, split: str = "val") -> list[Sample]:
         """The first ``val_samples`` samples of each source's ``split``, source after source (read once)."""
         if split not in self._eval:
@@ -395,6 +417,11 @@ class Layout:
     sample_latents: bool
     seed: int = 0
 
+    @property
+    def pairs(self) -> PairLayout:
+        """The paper's pair layouts with this data's ratios (``batch.pair_document``)."""
+        return PairLayout(self.image_first_ratio, self.caption_dropout, self.noise_limit)
+
 
 def latent(sample: Sample, i: int, rng: np.random.Generator, flip: bool, noisy: bool) -> torch.Tensor:
     """float32 [C, h, w]: image ``i`` of ``sample``, or its stored flip (``flip``: one of the stored versions
@@ -417,11 +444,7 @@ def document(sample: Sample, rng: np.random.Generator, layout: Layout, noisy: bo
         captions = sample.texts()
         ids = captions[int(rng.integers(len(captions)))].tolist() if captions else []
         lat = latent(sample, 0, rng, layout.flip, noisy)
-        if rng.random() < layout.image_first_ratio:
-            return [Text([sp.bos]), Image(lat, t_max=layout.noise_limit), Text(ids + [sp.eos])]
-        if rng.random() < layout.caption_dropout:
-            return [Text([sp.bos], loss=False), Image(lat), Text([sp.eos])]
-        return [Text([sp.bos] + ids), Image(lat), Text([sp.eos])]
+        return pair_document(ids, lambda t_max: Image(lat, t_max=t_max), rng, layout.pairs, sp)
     if sample.kind == INTERLEAVED:
         return _interleaved(sample, sp, lambda i: latent(sample, i, rng, layout.flip, noisy))
     if sample.kind == TEXT:
@@ -448,8 +471,8 @@ def _interleaved(sample: Sample, sp: SpecialIds, image) -> Document:
 
 def caption_document(sample: Sample, sp: SpecialIds) -> Document:
     """``<bos>`` first caption, the unflipped clean image, ``<eos>`` (a PAIR sample)."""
-    ids = _first_caption(sample)
-    return [Text([sp.bos] + ids), Image(torch.from_numpy(sample.mean[0, 0].astype(np.float32))), Text([sp.eos])]
+    image = Image(torch.from_numpy(sample.mean[0, 0].astype(np.float32)))
+    return caption_image_document(_first_caption(sample), image, sp)
 
 
 def _first_caption(sample: Sample) -> list[int]:

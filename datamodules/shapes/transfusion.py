@@ -27,21 +27,36 @@ import torch
 from jsonargparse.typing import ClosedUnitInterval, PositiveInt
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.shapes.world import FAMILIES, Item, Prompt, Scene, ShapesWorld, caption, sample_prompt, scene_caption
+from datamodules.shapes.world import (
+    FAMILIES,
+    Item,
+    Prompt,
+    Scene,
+    ShapesWorld,
+    caption,
+    render,
+    sample_prompt,
+    scene_caption,
+)
 from lit_transfusion.batch import (
     CaptionPairs,
     Document,
     Image,
+    PairLayout,
     Segment,
     SpecialIds,
     Text,
+    caption_image_document,
+    code_segment,
     document_length,
     pack_pairs,
     pack_rows,
+    pair_document,
+    shifted_caption_pairs,
 )
-from lit_transfusion.chameleon_sampler import code_segment
+from lit_transfusion.images import images_to_tensor
 from lit_transfusion.tokenizer import TextTokenizer
-from lit_transfusion.vae import LatentCodec, images_to_tensor, vae_latent_shape
+from lit_transfusion.vae import LatentCodec, vae_latent_shape
 from lit_transfusion.vq import CodeCodec, vq_code_shape, vq_codebook_size
 
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
@@ -49,7 +64,7 @@ _CACHE_VERSION = 3  # bump when the cache layout changes
 
 
 class ShapesDataModule(L.LightningDataModule):
-    """Packed caption/image/text documents from the shapes world.
+    """Packed caption/image/text documents from the shapes world (a ``lit_transfusion.data.MixedModalData``).
 
     Args:
         data_dir: cache directory for the tokenizer and encoded latents.
@@ -144,6 +159,7 @@ class ShapesDataModule(L.LightningDataModule):
                 f"(image_size={image_size} through the VAE at {vae_path!r})"
             )
         self.patches_per_image = (h // patch_size) * (w // patch_size)
+        self.layout = PairLayout(image_first_ratio, caption_dropout, noise_limit)
         if tokenizer_path is not None:
             try:
                 self.tokenizer = TextTokenizer.from_file(tokenizer_path)
@@ -168,6 +184,18 @@ class ShapesDataModule(L.LightningDataModule):
         if self.hparams.image_tokens == "codes":
             ids["first_code"] = self.tokenizer.vocab_size
         return ids
+
+    @property
+    def image_size(self) -> int:
+        return self.hparams.image_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.hparams.seq_len
+
+    @property
+    def patch_size(self) -> int:
+        return self.hparams.patch_size
 
     @property
     def codes(self) -> bool:
@@ -260,16 +288,14 @@ class ShapesDataModule(L.LightningDataModule):
         return self.tokenizer.encode(caption(prompt, rng))
 
     def image_document(self, split: str, index: int, rng: np.random.Generator, train_layouts: bool = True) -> Document:
-        """One image document for sample ``index`` of ``split``; layout and phrasing drawn with ``rng``.
-        ``train_layouts=False``: caption -> image with the full scene caption (the cond-gap pairs)."""
-        hp, sp = self.hparams, self.tokenizer.special
+        """One image document for sample ``index`` of ``split``; layout (``batch.pair_document``) and phrasing drawn
+        with ``rng``. ``train_layouts=False``: caption -> image with the full scene caption (the cond-gap pairs)."""
         latent = self.latents[split][index]
         ids = self.caption_ids(split, index, rng, full=not train_layouts)
-        if train_layouts and rng.random() < hp.image_first_ratio:
-            return [Text([sp.bos]), self.image_segment(latent, t_max=hp.noise_limit), Text(ids + [sp.eos])]
-        if train_layouts and rng.random() < hp.caption_dropout:
-            return [Text([sp.bos], loss=False), self.image_segment(latent), Text([sp.eos])]
-        return [Text([sp.bos] + ids), self.image_segment(latent), Text([sp.eos])]
+        special = self.tokenizer.special  # bos / eos (this runs per training document)
+        if not train_layouts:
+            return caption_image_document(ids, self.image_segment(latent), special)
+        return pair_document(ids, lambda t_max: self.image_segment(latent, t_max=t_max), rng, self.layout, special)
 
     def text_document(self, split: str, index: int) -> Document:
         sp = self.tokenizer.special
@@ -294,16 +320,33 @@ class ShapesDataModule(L.LightningDataModule):
         return docs
 
     def cond_gap_pairs(self, split: str) -> list[tuple[Document, Document]]:
-        """(true caption, shuffled caption) caption->image documents for the first ``cond_gap_pairs`` images."""
+        """(true caption, shifted caption) caption->image documents for the first ``cond_gap_pairs`` images."""
         n = min(self.hparams.cond_gap_pairs, len(self.samples[split]))
-        rng = np.random.default_rng([self.hparams.seed, _SPLIT_CODE[split], 7])
-        perm = (np.arange(n) + rng.integers(1, n)) % n  # a shift: no image keeps its own caption
         true = [self.image_document(split, i, np.random.default_rng([i]), train_layouts=False) for i in range(n)]
-        pairs = []
-        for i in range(n):
-            other = true[perm[i]]
-            pairs.append((true[i], [other[0], true[i][1], other[2]]))
-        return pairs
+        return shifted_caption_pairs(true, np.random.default_rng([self.hparams.seed, _SPLIT_CODE[split], 7]))
+
+    # ------------------------------------------------------------------------- evaluation (MixedModalData)
+    def evaluation_split(self, stage: str) -> str:
+        return "val" if stage == "val" else "test"
+
+    def caption_documents(self, split: str, n: int) -> list[Document]:
+        """Caption -> image documents of the first ``n`` images of ``split`` (captions phrased with a fixed seed)."""
+        rng = np.random.default_rng([self.hparams.seed, 5])
+        special = SpecialIds(**self.special_ids)
+        return [caption_image_document(self.caption_ids(split, i, rng), self.image_segment(self.latents[split][i]),
+                                       special) for i in range(min(n, len(self.samples[split])))]
+
+    def text_documents(self, split: str, n: int) -> list[Document]:
+        return [self.text_document(split, i) for i in range(n)]
+
+    def heldout_images(self, split: str, n: int) -> np.ndarray:
+        """uint8 [n', H, W, 3]: renders of the first ``n`` scenes of ``split``."""
+        return np.stack([render(s) for s in self.scenes[split][:n]])
+
+    def heldout_captions(self, split: str, n: int) -> list[str]:
+        """Full scene captions of the first ``n`` scenes of ``split``."""
+        rng = np.random.default_rng([self.hparams.seed, 6])
+        return [scene_caption(s, rng) for s in self.scenes[split][:n]]
 
     # -------------------------------------------------------------------------------------- dataloaders
     def _collate_rows(self, rows: list[list[Document]]):
