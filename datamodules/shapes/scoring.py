@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from .world import (
+    _LOCATIONS,
     BACKGROUND,
     COLORS,
     FAMILIES,
@@ -29,6 +30,8 @@ from .world import (
     SHAPES,
     Prompt,
     Scene,
+    _location,  # the words scene_caption uses for an object's coarse location and size
+    _size_word,
     relations_between,
 )
 
@@ -276,3 +279,169 @@ def caption_attributes_correct(text: str, scene: Scene) -> float:
             rel = rel.removeprefix("to the ")
             claims.append(any(a is not b and rel in relations_between(a, b) for a in a_set for b in b_set))
     return float(np.mean(claims)) if claims else 0.0
+
+
+# ----------------------------------------------------------------------------- caption precision and recall
+
+ATTRIBUTES: tuple[str, ...] = ("shape", "color", "size", "location")  # the facts a scene holds per object
+_LOCATION_PHRASES = tuple(loc for row in _LOCATIONS for loc in row)  # "in the top left", ..., "in the center"
+_LOC = "|".join(re.escape(p) for p in _LOCATION_PHRASES)
+_SIZE = "small|medium|large"
+# A mention: [determiner or number] [size] [color] shape[s] [[is] location], or a total "<number> objects".
+_MENTION_RE = re.compile(
+    rf"\b(?:(a|an|another|the|{_NUM}) )?(?:({_SIZE}) )?(?:({_COLOR}) )?\b({_SHAPE})(s?)\b(?:(?: is)? ({_LOC})\b)?"
+    rf"|\b({_NUM}) (?:objects?|shapes?)\b"
+)
+# What may stand between two mentions for a relation: "<a> [is|placed] <rel> [and <rel>] <b>".
+_BETWEEN_RE = re.compile(rf" (?:is |placed )?((?:{_REL})(?: and (?:{_REL}))*) ")
+# describe()'s summaries list counts ("this picture contains a circle and two triangles", "... objects: a
+# circle"); their "a circle" means exactly one circle and re-mentions objects that later sentences describe.
+_SUMMARY_RE = re.compile(r"\bcontains\b[^.]*|:[^.]*")
+
+
+@dataclass(frozen=True)
+class Described:
+    """What a phrase states about one object ("a small red circle in the top left"); None = not stated."""
+
+    shape: str
+    color: str | None = None
+    size: str | None = None
+    location: str | None = None
+
+    def stated(self) -> dict[str, str]:
+        """{attribute: value} of the stated attributes, in ATTRIBUTES order."""
+        return {a: v for a in ATTRIBUTES if (v := getattr(self, a)) is not None}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One checkable statement of a caption; `text` is the phrase it was read from.
+
+    kind "object": an object fitting `what` exists, distinct from the objects of the other object claims;
+    "count": exactly `count` objects fit `what`; "total": the scene has exactly `count` objects;
+    "relation": some object fitting `what` is `relation` ("left of", "right of", "above", "below") of another
+    object fitting `other`, under GenEval's rule (`relations_between`).
+    """
+
+    kind: str
+    text: str
+    what: Described | None = None
+    count: int | None = None
+    relation: str | None = None
+    other: Described | None = None
+
+
+def caption_claims(text: str) -> list[Claim]:
+    """The claims of a caption in the shapes world's phrasing (prompt captions, `scene_caption`, `describe`).
+
+    "a/an/another [size] [color] shape [location]" (or no article) -> an "object" claim; "<number> ... shape(s)"
+    -> a "count" claim, as is each item of describe()'s summary list; "<number> objects/shapes" -> a "total"
+    claim; each relation word between two mentions (definite ones too: "the red circle") -> a "relation"
+    claim. A definite mention ("the red circle") refers to an object stated elsewhere and claims nothing by
+    itself; text the grammar does not cover ("a photo of", "the background is dark") claims nothing.
+    """
+    text = " ".join(text.lower().split())
+    summaries = [m.span() for m in _SUMMARY_RE.finditer(text)]
+    mentions = list(_MENTION_RE.finditer(text))
+    claims: list[Claim] = []
+    for m in mentions:
+        det, size, color, shape, _, location, total = m.groups()
+        if total:
+            claims.append(Claim("total", m.group(), count=_WORD_NUMBERS[total]))
+            continue
+        if det == "the":
+            continue
+        what = Described(shape, color or None, size or None, location or None)
+        in_summary = any(lo <= m.start() < hi for lo, hi in summaries)
+        if det in _WORD_NUMBERS or in_summary:
+            claims.append(Claim("count", m.group(), what, count=_WORD_NUMBERS.get(det, 1)))
+        else:
+            claims.append(Claim("object", m.group(), what))
+    for a, b in zip(mentions, mentions[1:], strict=False):  # consecutive mentions
+        between = _BETWEEN_RE.fullmatch(text, a.end(), b.start())
+        if between is None or a.group(7) or b.group(7):  # no relation, or a total count as an end
+            continue
+        what, other = (Described(*(g or None for g in m.group(4, 3, 2, 6))) for m in (a, b))
+        for rel in between.group(1).split(" and "):
+            claims.append(Claim("relation", text[a.start():b.end()], what, relation=rel.removeprefix("to the "),
+                                other=other))
+    return claims
+
+
+def object_attributes(scene: Scene) -> list[dict[str, str]]:
+    """Per object of `scene`, its {attribute: value} in the words captions use (`scene_caption`'s size and
+    location words: "small"/"medium"/"large", "in the top left", ...)."""
+    return [{"shape": o.shape, "color": o.color, "size": _size_word(o, scene.size),
+             "location": _location(o, scene.size)} for o in scene.objects]
+
+
+def scene_facts(scene: Scene) -> set[tuple[int, str]]:
+    """The facts a caption can recall: (object index, attribute) for every object and every ATTRIBUTES entry.
+
+    Relations are not facts of their own: they follow from the objects' locations, and the world's complete
+    caption (`scene_caption`) states none, so counting them would keep a complete caption's recall below 1."""
+    return {(i, a) for i in range(len(scene.objects)) for a in ATTRIBUTES}
+
+
+def _fits(what: Described, attrs: dict[str, str]) -> bool:
+    return all(attrs[a] == v for a, v in what.stated().items())
+
+
+def _assign_objects(claims: Sequence[Claim], attrs: list[dict[str, str]],
+                    covered: frozenset) -> tuple[int, frozenset]:
+    """(true object claims, covered facts) of the best one-to-one assignment of object claims to fitting objects.
+
+    "Best" maximizes the true claims, then the facts covered together with `covered` (those of true count
+    claims). Exact: a dynamic program over the claims whose state is (objects used, facts covered); scenes
+    hold at most four objects, so the states stay few.
+    """
+    states: dict[tuple[int, frozenset], int] = {(0, frozenset()): 0}
+    for c in claims:
+        new = dict(states)  # the claim left unassigned (false)
+        for (used, cov), t in states.items():
+            for i, a in enumerate(attrs):
+                if not used >> i & 1 and _fits(c.what, a):
+                    key = (used | 1 << i, cov | {(i, k) for k in c.what.stated()})
+                    new[key] = max(new.get(key, -1), t + 1)
+        states = new
+    t, cov = max(((t, cov | covered) for (_, cov), t in states.items()), key=lambda x: (x[0], len(x[1])))
+    return t, cov
+
+
+def _claim_true(c: Claim, scene: Scene, attrs: list[dict[str, str]]) -> bool:
+    """Truth of a count, total or relation claim (object claims are decided jointly by `_assign_objects`)."""
+    if c.kind == "count":
+        return sum(_fits(c.what, a) for a in attrs) == c.count
+    if c.kind == "total":
+        return len(attrs) == c.count
+    objs = scene.objects
+    return any(i != j and _fits(c.what, attrs[i]) and _fits(c.other, attrs[j])
+               and c.relation in relations_between(objs[i], objs[j])
+               for i in range(len(objs)) for j in range(len(objs)))
+
+
+def caption_scores(text: str, scene: Scene) -> dict[str, float]:
+    """{"precision", "recall", "f1"} of caption `text` against the ground-truth `scene`.
+
+    precision: true claims / stated claims (`caption_claims`); object claims are matched one-to-one to the
+    scene's objects ("a red circle and a red circle" needs two red circles), choosing the matching with
+    the most true claims. recall: facts of `scene_facts` (each object's shape, color, size, location) stated
+    by a true object claim (its matched object) or a true count claim (all the objects it counts) / all
+    facts. f1: their harmonic mean. A caption with no claims scores 0, 0, 0; so does an empty scene's recall.
+    """
+    claims = caption_claims(text)
+    if not claims:
+        return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    attrs = object_attributes(scene)
+    n_true, covered = 0, set()
+    for c in claims:
+        if c.kind != "object" and _claim_true(c, scene, attrs):
+            n_true += 1
+            if c.kind == "count":
+                covered |= {(i, k) for i, a in enumerate(attrs) if _fits(c.what, a) for k in c.what.stated()}
+    objects_true, covered = _assign_objects([c for c in claims if c.kind == "object"], attrs, frozenset(covered))
+    precision = (n_true + objects_true) / len(claims)
+    facts = scene_facts(scene)
+    recall = len(covered & facts) / len(facts) if facts else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
