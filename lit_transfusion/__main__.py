@@ -1,4 +1,4 @@
-from lit_transfusion.cli import main
+from lit_transfusion.commands.main import main
 
 if __name__ == "__main__":
     main()

@@ -95,3 +95,20 @@ def block_mask(
     return create_block_mask(
         mask_mod, B, None, Lq, Lk, device=doc_ids.device, BLOCK_SIZE=block_size, _compile=doc_ids.is_cuda
     )
+
+
+ATTENTION = ("auto", "sdpa", "flex")
+
+
+def hybrid_mask(doc_ids: Tensor, image_ids: Tensor, q_len: int | None = None, image_attention: str = "bidirectional",
+                attention: str = "auto"):
+    """The mask of keys ``doc_ids``/``image_ids`` ``[B, Lk]`` for the last ``q_len`` of them as queries (default
+    all), in the rendering ``attention`` picks: a flex ``BlockMask`` for "flex", and for "auto" on CUDA (flex has
+    no backward on CPU); else the dense bool mask ``[B, 1, Lq, Lk]`` for SDPA. Training and generation both ask here,
+    so a model samples with the attention it trained with."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention: {attention!r}; expected one of {ATTENTION}")
+    if attention == "flex" or (attention == "auto" and doc_ids.is_cuda):
+        return block_mask(doc_ids, image_ids, q_len, image_attention=image_attention)
+    q = slice(doc_ids.shape[1] - (q_len or doc_ids.shape[1]), None)
+    return dense_mask(doc_ids, image_ids, doc_ids[:, q], image_ids[:, q], image_attention=image_attention)

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lit_transfusion.attention import dense_mask
+from lit_transfusion.attention import hybrid_mask
 from lit_transfusion.batch import Image, Seq, SpecialIds, Text, document_length, pack_rows
 from lit_transfusion.diffusion import SAMPLERS, Diffusion
 from lit_transfusion.model import TransfusionModel
@@ -116,6 +116,7 @@ class TransfusionSampler:
 
     def __init__(self, model: TransfusionModel, diffusion: Diffusion, special: SpecialIds, use_cache: bool = True):
         self.model, self.diffusion, self.special, self.use_cache = model.eval(), diffusion, special, use_cache
+        self.attention = "auto"  # the mask's rendering (attention.hybrid_mask); module.sampler() sets the module's
         self.cfg = model.cfg
         self.max_len = model.cfg.transformer.max_seq_len
 
@@ -173,13 +174,17 @@ class TransfusionSampler:
             t = torch.zeros(latents.shape[0], dtype=torch.long, device=self.device)
         n = new.tokens.shape[1]
         rule = self.cfg.image_attention  # the mask the model was trained with
+        # "auto" is SDPA here even on CUDA: every decoding step has a new length, and the compiled flex kernel
+        # would recompile for each one. An explicit "flex" is honoured.
+        attention = "sdpa" if self.attention == "auto" else self.attention
         if prefill or not self.use_cache:
             full = state.seq if prefill else state.seq.cat(new)
-            out = self.model(full, latents, t, dense_mask(full.doc_ids, full.image_ids, image_attention=rule))
+            mask = hybrid_mask(full.doc_ids, full.image_ids, image_attention=rule, attention=attention)
+            out = self.model(full, latents, t, mask)
             hidden, kv = out.hidden[:, -n:], [(k[:, :, -n:], v[:, :, -n:]) for k, v in out.kv]
         else:
             keys = state.seq.cat(new)
-            mask = dense_mask(keys.doc_ids, keys.image_ids, new.doc_ids, new.image_ids, image_attention=rule)
+            mask = hybrid_mask(keys.doc_ids, keys.image_ids, n, image_attention=rule, attention=attention)
             out = self.model(new, latents, t, mask, past=state.kv)
             hidden, kv = out.hidden, out.kv
         if append:

@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lit_transfusion.attention import block_mask, dense_mask
+from lit_transfusion.attention import hybrid_mask
 from lit_transfusion.batch import Batch, CaptionPairs, Seq, SpecialIds
 from lit_transfusion.generation import TransfusionSampler
 from lit_transfusion.model import ModelConfig, ModelOutput, TransfusionModel
@@ -170,11 +170,8 @@ class MixedModalModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------- forward
     def attention_mask(self, seq: Seq):
         """The hybrid mask of ``seq`` in the rendering the ``attention`` setting picks."""
-        use_flex = self.attention == "flex" or (self.attention == "auto" and seq.tokens.is_cuda)
-        rule = self.config.image_attention
-        if use_flex:
-            return block_mask(seq.doc_ids, seq.image_ids, image_attention=rule)
-        return dense_mask(seq.doc_ids, seq.image_ids, image_attention=rule)
+        return hybrid_mask(seq.doc_ids, seq.image_ids, image_attention=self.config.image_attention,
+                           attention=self.attention)
 
     def forward(self, batch: Batch, latents: Tensor | None = None, t: Tensor | None = None) -> ModelOutput:
         """The model over ``batch`` with its images given as ``latents`` [N, C, h, w] at timesteps ``t`` [N];
@@ -196,7 +193,9 @@ class MixedModalModule(L.LightningModule):
         """The sampler of this model (default: the model's own special ids); callbacks, ``sample`` and benchmarks
         generate through it."""
         special = special if special is not None else SpecialIds(**self.special)
-        return self.representation.sampler(self.model, special, use_cache=use_cache)
+        sampler = self.representation.sampler(self.model, special, use_cache=use_cache)
+        sampler.attention = self.attention  # generate with the attention the module trains with
+        return sampler
 
     # ---------------------------------------------------------------------------------------- training
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_transfusion.attention import IMAGE_ATTENTION, block_mask, dense_mask, flex_mask_mod
+from lit_transfusion.attention import IMAGE_ATTENTION, block_mask, dense_mask, flex_mask_mod, hybrid_mask
 from lit_transfusion.batch import greedy_rows, pack_rows
 from tests.conftest import SPECIAL, random_documents
 
@@ -129,3 +129,27 @@ def test_unknown_image_attention_fails_naming_the_setting():
     with pytest.raises(ValueError, match="model.init_args.image_attention='full'"):
         TransfusionModule(vocab_size=50, special_ids=vars(SPECIAL), latent_shape=(4, 4, 4), size="nano",
                           image_attention="full")
+
+
+@pytest.mark.parametrize("rule", IMAGE_ATTENTION)
+def test_hybrid_mask_renders_the_rule_as_the_attention_setting_asks(rule):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    b = random_layout(1)
+    doc, img = b.seq.doc_ids, b.seq.image_ids
+    q0 = doc.shape[1] - 10
+    for attention in ("auto", "sdpa"):  # auto: dense on CPU
+        got = hybrid_mask(doc, img, 10, image_attention=rule, attention=attention)
+        assert torch.equal(got, brute_force(doc, img, q_start=q0, image_attention=rule))
+    assert isinstance(hybrid_mask(doc, img, 10, image_attention=rule, attention="flex"), BlockMask)
+    with pytest.raises(ValueError, match="attention: 'dense'"):
+        hybrid_mask(doc, img, attention="dense")
+
+
+def test_the_sampler_generates_with_the_modules_attention():
+    from lit_transfusion.module import TransfusionModule
+
+    for attention in ("auto", "sdpa", "flex"):
+        m = TransfusionModule(vocab_size=50, special_ids=vars(SPECIAL), latent_shape=(4, 4, 4), size="nano",
+                              max_seq_len=64, attention=attention)
+        assert m.sampler().attention == attention

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_transfusion.cli import main
+from lit_transfusion.commands.main import main
 from tests.conftest import run_cli, small_run_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def test_fsdp2_on_cpu_in_a_subprocess(tmp_path):
     assert (tmp_path / "s" / "grid.png").is_file()
     from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
-    from lit_transfusion.sample import load_run
+    from lit_transfusion.commands.load import load_run
 
     module = load_run(ckpt)[0]
     saved = _load_distributed_checkpoint(ckpt)["state_dict"]
@@ -198,8 +198,8 @@ def test_sample_help_and_sampling_config_agree_on_every_default():
     """`sample`'s sampling options come from SamplingConfig: same names, same defaults, nothing extra."""
     import dataclasses
 
+    from lit_transfusion.commands.sample import parser
     from lit_transfusion.generation import SamplingConfig
-    from lit_transfusion.sample import parser
 
     defaults = parser().get_defaults()
     for f in dataclasses.fields(SamplingConfig):

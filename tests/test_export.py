@@ -6,9 +6,10 @@ import pickle
 
 import torch
 
-from lit_transfusion.export import export, is_export
+from lit_transfusion.commands.export import export
+from lit_transfusion.commands.load import is_export, load_run
+from lit_transfusion.commands.sample import run
 from lit_transfusion.generation import SamplingConfig
-from lit_transfusion.sample import load_run, run
 
 
 def test_sample_runs_from_the_export_without_unpickling(trained_run, tmp_path, monkeypatch):

@@ -56,7 +56,7 @@ class FailAt(Callback):
 
 # ---------------------------------------------------------------------------------------- precision
 def test_unset_precision_resolves_to_fp32_without_native_bf16(tmp_path, monkeypatch):
-    from lit_transfusion.cli import build_cli
+    from lit_transfusion.commands.cli import build_cli
 
     monkeypatch.setenv(hardware.ENV_CPU_BF16, "0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -68,7 +68,7 @@ def test_unset_precision_resolves_to_fp32_without_native_bf16(tmp_path, monkeypa
 
 
 def test_explicit_precision_wins(tmp_path, monkeypatch):
-    from lit_transfusion.cli import build_cli
+    from lit_transfusion.commands.cli import build_cli
 
     monkeypatch.setenv(hardware.ENV_CPU_BF16, "0")
     hardware._clear_caches()

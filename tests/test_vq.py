@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import VQModel
 
-from lit_transfusion.cli import main
+from lit_transfusion.commands.main import main
 from lit_transfusion.vae import images_to_tensor, psnr
 from lit_transfusion.vq import (
     BETA,

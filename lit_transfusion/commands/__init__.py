@@ -1,5 +1,5 @@
-"""The commands that are not a Trainer loop, each a subpackage of its own (``python -m lit_transfusion <name>``).
+"""The commands and the experiment tooling: the top layer (``python -m lit_transfusion <command>``, see ``main.py``).
 
-A command may import the method (``lit_transfusion.*``), the callbacks and the datamodules; nothing outside this
-package imports a command, except ``lit_transfusion.cli``'s entry point (by name) and the tests.
+A command may import the method (``lit_transfusion.*``), the callbacks and the datamodules, directly; nothing below
+imports a command (``tests/test_layers.py`` checks it).
 """

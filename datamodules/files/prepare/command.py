@@ -3,7 +3,7 @@ jsonargparse from ``--config`` YAML and/or flags (``--help`` lists each with its
 
 Errors are raised, never printed here: the data layer does not format command-line output. A bad option raises
 jsonargparse's ``ArgumentError`` and a setting or source that cannot be prepared a :class:`PrepareError` (a
-``SettingError``); ``lit_transfusion.cli`` prints either as one line ``error: ...`` with exit status 2."""
+``SettingError``); ``python -m lit_transfusion`` prints either as one line ``error: ...`` with exit status 2."""
 
 from __future__ import annotations
 

@@ -7,10 +7,11 @@ import sys
 import typing
 from pathlib import Path
 
-from jsonargparse import ArgumentError, ArgumentParser, DefaultHelpFormatter
+from jsonargparse import ArgumentParser, DefaultHelpFormatter
 from jsonargparse.typing import PositiveInt
 
 import lit_transfusion.commands.sweep as package
+from lit_transfusion.commands.errors import one_line_errors
 from lit_transfusion.commands.sweep.expand import cli_value, expand, sweep_dir
 from lit_transfusion.commands.sweep.load import load_sweep
 from lit_transfusion.commands.sweep.results import collect as collect_results
@@ -108,14 +109,6 @@ def parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """``python -m lit_transfusion sweep ...``; a wrong option or sweep file ends with ``error: <file>: <key>: ...``
     and exit status 2 before any run starts."""
-    from lit_transfusion.cli import _one_line
-
-    try:
+    with one_line_errors(SweepError):
         options = parser().parse_args(sys.argv[1:] if argv is None else argv)
         sweep(**{k: v for k, v in options.items() if k != "__default_config__"})
-    except ArgumentError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except SweepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None

@@ -44,7 +44,7 @@ def validate(sweep: Sweep, runs: list[Run], out: str | Path) -> None:
 def transfusion_parser():
     """The Transfusion CLI's parser (subcommands, links), built without parsing or instantiating anything;
     built once per process (parsing leaves it as it was)."""
-    from lit_transfusion.cli import TransfusionCLI, build_cli
+    from lit_transfusion.commands.cli import TransfusionCLI, build_cli
 
     class _Parser(Exception):
         pass
@@ -65,14 +65,14 @@ def transfusion_parser():
 
 def _parse_error(args: list[str]) -> str | None:
     """None if ``args`` parse, else jsonargparse's complaint on one line."""
-    from lit_transfusion.cli import _one_line
+    from lit_transfusion.commands.errors import one_line
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             transfusion_parser().parse_args(args)
         except (ArgumentError, ValueError, TypeError) as e:
-            return _one_line(e)
+            return one_line(e)
     return None
 
 

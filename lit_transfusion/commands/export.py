@@ -17,32 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
-FORMAT = "lit_transfusion-export/2"
-READABLE = ("lit_transfusion-export/1", FORMAT)  # /1: Transfusion only, codec in vae/
-WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
-VAE = "vae"  # the codec's directory in format /1
-
-
-def modules() -> dict[str, type]:
-    """The module classes an export may name (by key, never by import path: loading an export runs no code that
-    the export chose)."""
-    from lit_transfusion.chameleon import ChameleonModule
-    from lit_transfusion.module import TransfusionModule
-
-    return {"transfusion": TransfusionModule, "chameleon": ChameleonModule}
-
-
-def codecs() -> dict[str, type]:
-    """The codec classes an export may hold, by the name of their directory."""
-    from lit_transfusion.vae import LatentCodec
-    from lit_transfusion.vq import CodeCodec
-
-    return {"vae": LatentCodec, "vq": CodeCodec}
-
-
-def is_export(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_dir() and (path / WEIGHTS).is_file() and (path / CONFIG).is_file()
+from lit_transfusion.commands.load import CONFIG, FORMAT, TOKENIZER, WEIGHTS, codecs, load_run, modules
 
 
 def export(ckpt_path: str, out: str) -> Path:
@@ -54,7 +29,6 @@ def export(ckpt_path: str, out: str) -> Path:
     """
     from safetensors.torch import save_file
 
-    from lit_transfusion.sample import load_run
 
     module, tokenizer, codec, image_size = load_run(ckpt_path)
     kind = next((k for k, cls in modules().items() if type(module) is cls), None)
@@ -75,32 +49,6 @@ def export(ckpt_path: str, out: str) -> Path:
             shutil.rmtree(out_dir / name)
     codec.save(out_dir / codec_dir)
     return out_dir
-
-
-def load_export(path: str | Path, device: str = "cpu"):
-    """(module in eval mode with its codec attached, tokenizer, codec, image size) from an export directory, with
-    no pickle load."""
-    from safetensors.torch import load_file
-
-    from lit_transfusion.tokenizer import TextTokenizer
-
-    path = Path(path)
-    config = json.loads((path / CONFIG).read_text())
-    if config.get("format") not in READABLE:
-        raise ValueError(f"{path / CONFIG}: format {config.get('format')!r}, expected one of {READABLE}")
-    kind, codec_dir = config.get("module_class", "transfusion"), config.get("codec", VAE)
-    if kind not in modules() or codec_dir not in codecs():
-        raise ValueError(f"{path / CONFIG}: module_class {kind!r} / codec {codec_dir!r}: expected one of "
-                         f"{sorted(modules())} / {sorted(codecs())}")
-    hparams = config["module"]
-    hparams["latent_shape"] = tuple(hparams["latent_shape"])
-    hparams["empty_init"] = False  # one process, the weights loaded right below
-    module = modules()[kind](**hparams)
-    module.model.load_state_dict(load_file(path / WEIGHTS, device="cpu"))
-    module.to(device)
-    module.attach_codec(codecs()[codec_dir].from_dir(path / codec_dir))
-    tokenizer = TextTokenizer.from_file(path / TOKENIZER)
-    return module.eval(), tokenizer, module.codec, int(config["image_size"])
 
 
 def main(argv: list[str]) -> None:
