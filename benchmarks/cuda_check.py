@@ -13,7 +13,6 @@ and on a long-row batch (``--long_seq_len``) where the block-sparse mask skips m
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from lit_transfusion.cli import build_cli  # noqa: E402
+from lit_transfusion.commands.cli import build_cli  # noqa: E402
 
 
 def build(config: str, *overrides: str):
@@ -117,33 +116,40 @@ def lightning_fit(config: str, strategy: str) -> None:
         print(f"[FAIL] fit strategy={strategy}: {type(e).__name__}: {e}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/shapes/tiny.yaml")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--long_seq_len", type=int, default=1024)
-    args = ap.parse_args()
+def main(config: str = "configs/shapes/tiny.yaml", steps: int = 20, long_seq_len: int = 1024) -> None:
+    """CUDA paths on one GPU: checks, then timings. Needs a CUDA device; prints one line per result.
+
+    Args:
+        config: the training config (LightningCLI) whose model and data are checked and timed
+        steps: timed steps per setting (after 3 warm-up steps)
+        long_seq_len: row length of the long-row batch (small model, 8 rows)
+    """
     if not torch.cuda.is_available():
         sys.exit("cuda_check.py needs a CUDA device")
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
 
-    module, dm = build(args.config)
+    module, dm = build(config)
     module.cuda().train()
     batch = next(iter(dm.train_dataloader())).to("cuda")
     compare_attention(module, batch)
     compare_sampling(module, dm)
-    timings(module, dm, f"{args.config} (16x128)", args.steps)
+    timings(module, dm, f"{config} (16x128)", steps)
 
-    long_module, long_dm = build(args.config, "--model.init_args.size=small",
-                                 f"--data.init_args.seq_len={args.long_seq_len}", "--data.init_args.batch_size=8",
-                                 f"--model.init_args.max_seq_len={args.long_seq_len}")
+    long_module, long_dm = build(config, "--model.init_args.size=small",
+                                 f"--data.init_args.seq_len={long_seq_len}", "--data.init_args.batch_size=8",
+                                 f"--model.init_args.max_seq_len={long_seq_len}")
     long_module.cuda().train()
     compare_attention(long_module, next(iter(long_dm.train_dataloader())).to("cuda"))
-    timings(long_module, long_dm, f"small, 8x{args.long_seq_len}", args.steps)
+    timings(long_module, long_dm, f"small, 8x{long_seq_len}", steps)
 
     for strategy in ("auto", "fsdp", "fsdp2"):
-        lightning_fit(args.config, strategy)
+        lightning_fit(config, strategy)
 
 
 if __name__ == "__main__":
-    main()
+    from jsonargparse import ArgumentParser
+
+    # Not auto_cli: it adds its own --config (a file of option values) and drops a function's ``config`` argument.
+    parser = ArgumentParser(description=main.__doc__.split("\n\n")[0])
+    parser.add_function_arguments(main, as_group=False)
+    main(**parser.parse_args().as_dict())

@@ -1,6 +1,6 @@
 """Does training on prepared files learn like training on the embedded shapes world? Same images, same seed.
 
-    python benchmarks/data_parity.py [--steps 1500] [--every 250] [--size nano] [--seeds 0 1] [--out runs/parity]
+    python benchmarks/data_parity.py [--steps 1500] [--every 250] [--size nano] [--seeds [0,1]] [--out runs/parity]
 
 The shapes world's first ``--images`` training renders (and 256 validation renders) are exported as an
 image-caption folder, prepared (shapes VAE, no flips: captions say left/right), and trained on with
@@ -12,7 +12,6 @@ path give the seed-to-seed spread the prepared path's curve is judged against.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -25,11 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fit(config: str, extra: list[str], out: Path, name: str, seed: int, args) -> dict[int, float]:
-    """One run through the CLI; returns {step: val/cond_gap}."""
+def fit(config: str, extra: list[str], out: Path, name: str, seed: int, steps: int, every: int,
+        size: str) -> dict[int, float]:
+    """One run through the CLI (``size`` model, ``steps`` steps, validated every ``every``); returns
+    {step: val/cond_gap}."""
     cmd = [sys.executable, "-m", "lit_transfusion", "fit", "--config", config, *extra,
-           f"--seed_everything={seed}", f"--model.init_args.seed={seed}", f"--model.init_args.size={args.size}",
-           f"--trainer.max_steps={args.steps}", f"--trainer.val_check_interval={args.every}",
+           f"--seed_everything={seed}", f"--model.init_args.seed={seed}", f"--model.init_args.size={size}",
+           f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={every}",
            "--trainer.max_time=null", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false",
            "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={out}",
            f"--trainer.logger.init_args.name={name}", "--data.init_args.batch_size=16"]
@@ -58,7 +59,7 @@ def run_parity(out: Path, steps: int, every: int, size: str = "nano", images: in
     prepare([SourceConfig(name="images", kind="imagefolder", path=str(files / "imagefolder"))], str(prepared),
             str(ROOT / "datamodules" / "shapes" / "pretrained_vae"), image_size=32, seq_len=128, patch_size=2,
             bpe_vocab_size=512, flip=False, num_workers=2)
-    args = argparse.Namespace(steps=steps, every=every, size=size)
+    schedule = dict(steps=steps, every=every, size=size)
     shapes = ["--data.init_args.text_ratio=0", f"--data.init_args.num_train={images}",
               f"--data.init_args.data_dir={out / 'shapes-cache'}"]
     files_args = [f"--data.init_args.data_dir={prepared}", "--data.init_args.weights=null",
@@ -66,27 +67,38 @@ def run_parity(out: Path, steps: int, every: int, size: str = "nano", images: in
     results = {"steps": steps, "size": size, "images": images, "shapes": {}, "prepared": {}}
     for seed in sorted(set(shapes_seeds) | set(prepared_seeds)):
         if seed in shapes_seeds:
-            results["shapes"][seed] = fit("configs/shapes/tiny.yaml", shapes, out, f"shapes-s{seed}", seed, args)
+            results["shapes"][seed] = fit("configs/shapes/tiny.yaml", shapes, out, f"shapes-s{seed}", seed, **schedule)
         if seed in prepared_seeds:
             results["prepared"][seed] = fit("configs/imagefolder/fit.yaml", files_args, out, f"prepared-s{seed}",
-                                            seed, args)
+                                            seed, **schedule)
         (out / "parity.json").write_text(json.dumps(results, indent=1))
     return results
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--every", type=int, default=250)
-    p.add_argument("--size", default="nano")
-    p.add_argument("--images", type=int, default=20000)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "parity")
-    args = p.parse_args()
+def main(
+    steps: int = 1500,
+    every: int = 250,
+    size: str = "nano",
+    images: int = 20000,
+    seeds: list[int] = [0, 1],  # noqa: B006 (jsonargparse: a list option's default)
+    out: Path = ROOT / "runs" / "parity",
+) -> None:
+    """Does training on prepared files learn like training on the embedded shapes world? Same images, same seed.
+
+    Args:
+        steps: training steps of each run
+        every: validate (and log val/cond_gap) every this many steps
+        size: the model size of every run
+        images: shapes training renders to export and prepare (plus 256 validation renders)
+        seeds: the seeds to run, each on both paths, e.g. [0,1]
+        out: the directory for the export, the prepared data, the runs' CSV logs and parity.json
+    """
     sys.path.insert(0, str(ROOT))
-    results = run_parity(args.out.resolve(), args.steps, args.every, args.size, args.images, args.seeds, args.seeds)
+    results = run_parity(Path(out).resolve(), steps, every, size, images, seeds, seeds)
     print(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    from jsonargparse import auto_cli
+
+    auto_cli(main, as_positional=False)

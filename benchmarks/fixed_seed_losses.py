@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from lit_transfusion.cli import build_cli  # noqa: E402
+from lit_transfusion.commands.cli import build_cli  # noqa: E402
 
 CONFIGS = ("configs/shapes/tiny.yaml", "configs/shapes/chameleon.yaml")
 

@@ -1,14 +1,13 @@
 """Generation benchmark for the tiny model: seconds per image by step count and guidance, KV-cached versus
 recomputed denoising as the prompt grows, and text tokens/s with and without the cache.
 
-    python benchmarks/generation.py [--ckpt_path runs/.../last.ckpt]
+    python benchmarks/generation.py [--ckpt_path runs/.../last.ckpt] [--quick true]
 
 Timings do not depend on the weights, so without a checkpoint a freshly initialized tiny model is used.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 import time
@@ -32,14 +31,17 @@ def timed(fn, repeats: int = 1) -> float:
     return best
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt_path", help="a trained checkpoint (optional)")
-    ap.add_argument("--quick", action="store_true", help="fewer settings (smoke test)")
-    args = ap.parse_args()
+def main(ckpt_path: str | None = None, quick: bool = False) -> None:
+    """Generation benchmark: seconds per image by steps and guidance, KV-cached against recomputed denoising, text
+    tokens/s; without a checkpoint, a freshly initialized tiny model (timings do not depend on the weights).
+
+    Args:
+        ckpt_path: a trained checkpoint (optional)
+        quick: fewer settings (smoke test)
+    """
     special = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
-    if args.ckpt_path:
-        module = TransfusionModule.load_from_checkpoint(args.ckpt_path, map_location="cpu", weights_only=False)
+    if ckpt_path:
+        module = TransfusionModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
         special = SpecialIds(**module.hparams.special_ids)
     else:
         torch.manual_seed(0)
@@ -56,7 +58,7 @@ def main() -> None:
           f"{module.model.cfg.patches_per_image} patches/image")
 
     print("\nseconds per image (batch of 4 images, cached, DDPM/DDIM)")
-    step_counts = (20,) if args.quick else (250, 50, 20)
+    step_counts = (20,) if quick else (250, 50, 20)
     for steps in step_counts:
         for scale in (1.0, 3.0):
             cfg = SamplingConfig(scheduler="ddpm" if steps == 250 else "ddim", steps=steps, guidance_scale=scale)
@@ -90,4 +92,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from jsonargparse import auto_cli
+
+    auto_cli(main, as_positional=False)

@@ -1,6 +1,6 @@
 """Mixture-of-Transformers against the dense backbone: parameters, FLOPs per position and seconds per step.
 
-    python benchmarks/mot.py [--sizes nano tiny] [--steps 6] [--rows 8] [--seq_len 256] [--threads N]
+    python benchmarks/mot.py [--sizes [nano,tiny]] [--steps 6] [--rows 8] [--seq_len 256] [--threads N]
 
 For each size (latent shape (4, 8, 8), patch 2, vocab 512), a dense and an MoT (``mot=True``) TransfusionModule
 built from the same seed, trained on the same packed batches of mixed documents (caption -> image -> text, and
@@ -21,7 +21,6 @@ and its active parameters the dense model's parameters (the MoT paper's equal-FL
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -99,34 +98,42 @@ def step_times(modules: dict[str, TransfusionModule], data: list[Batch], warmup:
     return times
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", nargs="+", default=["nano", "tiny"])
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per model (after one warm-up step)")
-    ap.add_argument("--rows", type=int, default=8)
-    ap.add_argument("--seq_len", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="intra-op threads (default: torch's); 1 is steadier on a machine shared with other jobs")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def main(
+    sizes: list[str] = ["nano", "tiny"],  # noqa: B006 (jsonargparse: a list option's default)
+    steps: int = 6,
+    rows: int = 8,
+    seq_len: int = 256,
+    threads: int | None = None,
+) -> None:
+    """Mixture-of-Transformers against the dense backbone: parameters, FLOPs per position and seconds per step,
+    as a markdown table (the module's docstring says what each column measures).
 
-    data = batches(args.steps + 1, args.rows, args.seq_len)
+    Args:
+        sizes: model sizes to compare, e.g. [nano,tiny]
+        steps: timed steps per model (after one warm-up step)
+        rows: rows of each packed batch
+        seq_len: positions per row
+        threads: intra-op threads (default: torch's); 1 is steadier on a machine shared with other jobs
+    """
+    if threads:
+        torch.set_num_threads(threads)
+
+    data = batches(steps + 1, rows, seq_len)
     real = statistics.mean(int((b.seq.doc_ids >= 0).sum()) for b in data)
     patch = statistics.mean(int(b.seq.image_mask.sum()) for b in data)
     print(f"CPU capability {cpu_capability()}, intra-op threads: {torch.get_num_threads()}, torch {torch.__version__}")
-    print(f"batch: {args.rows} rows x {args.seq_len} positions ({real:.0f} real, {patch:.0f} of them image "
+    print(f"batch: {rows} rows x {seq_len} positions ({real:.0f} real, {patch:.0f} of them image "
           f"patches); latent {LATENT}, patch {PATCH}, vocab {VOCAB}; FLOPs per position over all "
-          f"{args.rows * args.seq_len} positions; s/step median of {args.steps}\n")
+          f"{rows * seq_len} positions; s/step median of {steps}\n")
     print("| size | model | params | non-embedding | active | MFLOP/position (fwd+bwd) | s/step median | best |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for size in args.sizes:
-        modules = {"dense": build(size, False, args.seq_len), "MoT": build(size, True, args.seq_len)}
-        rows = {k: {**param_counts(m), "flops": flops_per_position(m, data[0])} for k, m in modules.items()}
+    for size in sizes:
+        modules = {"dense": build(size, False, seq_len), "MoT": build(size, True, seq_len)}
+        table = {k: {**param_counts(m), "flops": flops_per_position(m, data[0])} for k, m in modules.items()}
         for k, secs in step_times(modules, data).items():
-            rows[k]["s/step"], rows[k]["best"] = statistics.median(secs), min(secs)
-        ratio = {key: rows["MoT"][key] / rows["dense"][key] for key in rows["dense"]}
-        for name, r in rows.items():
+            table[k]["s/step"], table[k]["best"] = statistics.median(secs), min(secs)
+        ratio = {key: table["MoT"][key] / table["dense"][key] for key in table["dense"]}
+        for name, r in table.items():
             print(f"| {size} | {name} | {r['params'] / 1e6:.3f}M | {r['non-embedding'] / 1e6:.3f}M | "
                   f"{r['active'] / 1e6:.3f}M | {r['flops'] / 1e6:.2f} | {r['s/step']:.3f} | {r['best']:.3f} |")
         print(f"| {size} | MoT/dense | {ratio['params']:.2f} | {ratio['non-embedding']:.2f} | {ratio['active']:.2f} "
@@ -134,4 +141,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from jsonargparse import auto_cli
+
+    auto_cli(main, as_positional=False)

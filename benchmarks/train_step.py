@@ -1,7 +1,7 @@
 """Training-step benchmark: step time, tokens/s, peak RSS and model FLOPs utilisation (MFU), per precision.
 
-    python benchmarks/train_step.py --config configs/shapes/tiny.yaml [--steps 30] [--precision 32 bf16-mixed]
-        [--override ...]
+    python benchmarks/train_step.py --config configs/shapes/tiny.yaml [--steps 30] [--precision [32,bf16-mixed]]
+        [--override+=--model.init_args.patcher=unet ...]
 
 By default "32" is timed, and "bf16-mixed" too where the hardware computes bf16 natively (a CUDA GPU with bf16,
 or a CPU with AVX512-BF16/AMX: ``lit_transfusion.hardware.cpu_bf16_native``); elsewhere bf16 is emulated, hundreds
@@ -16,13 +16,13 @@ Lightning's own ``MixedPrecision`` plugin context, as ``trainer.precision`` woul
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import resource
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from lit_transfusion.cli import build_cli  # noqa: E402
+from lit_transfusion.commands.cli import build_cli  # noqa: E402
 from lit_transfusion.hardware import cpu_bf16_native, cpu_capability  # noqa: E402
 
 
@@ -51,6 +51,8 @@ def matmul_peak(n: int = 2048, repeats: int = 10, device: str = "cpu", dtype=tor
 
 # Trainer precisions this script times, and the dtype their matmuls run in (for the same-dtype matmul peak).
 COMPUTE_DTYPE = {"32": torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+# The same names as --precision accepts them: 32 is a number on the command line ([32,bf16-mixed]).
+Precision = Literal[32, "bf16-mixed", "16-mixed"]
 
 
 def default_precisions(device: str) -> tuple[list[str], str | None]:
@@ -59,11 +61,11 @@ def default_precisions(device: str) -> tuple[list[str], str | None]:
         if torch.cuda.is_bf16_supported():
             return ["32", "bf16-mixed"], None
         return ["32"], (f"bf16-mixed skipped: {torch.cuda.get_device_name()} has no bf16 support; "
-                        "pass --precision bf16-mixed to time it anyway")
+                        "pass --precision '[bf16-mixed]' to time it anyway")
     if cpu_bf16_native():
         return ["32", "bf16-mixed"], None
     return ["32"], (f"bf16-mixed skipped: this CPU has no native bf16 (capability {cpu_capability()}); "
-                    "pass --precision bf16-mixed to time it anyway")
+                    "pass --precision '[bf16-mixed]' to time it anyway")
 
 
 def peak_size(dtype: torch.dtype, device: str) -> tuple[int, int, str]:
@@ -84,28 +86,33 @@ def precision_context(precision: str, device: str):
     return MixedPrecision(precision, device).forward_context()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/shapes/tiny.yaml")
-    ap.add_argument("--steps", type=int, default=30, help="timed steps per precision (after 3 warm-up steps)")
-    ap.add_argument("--precision", nargs="+", default=None, choices=list(COMPUTE_DTYPE),
-                    help="trainer precisions to time; the first is the baseline of the speed ratio (default: 32, "
-                         "plus bf16-mixed where the GPU/CPU has native bf16)")
-    # Anything else is passed to the CLI, e.g. --model.init_args.patcher=unet
-    args, overrides = ap.parse_known_args()
+def main(config: str = "configs/shapes/tiny.yaml", steps: int = 30, precision: list[Precision] | None = None,
+         override: list[str] | None = None) -> None:
+    """Training-step benchmark: step time, tokens/s, peak RSS and model FLOPs utilisation (MFU), per precision.
 
+    Args:
+        config: the training config (LightningCLI) whose model and data are timed
+        steps: timed steps per precision (after 3 warm-up steps)
+        precision: trainer precisions to time, e.g. [32,bf16-mixed]; the first is the baseline of the speed ratio
+            (default: 32, plus bf16-mixed where the GPU/CPU has native bf16)
+        override: arguments passed on to the training CLI, one per --override+=..., e.g.
+            --override+=--model.init_args.patcher=unet
+    """
+    overrides = list(override or [])
     sys.argv = sys.argv[:1]  # the CLI gets its arguments explicitly below
-    cli = build_cli(["--config", args.config, "--trainer.logger=false", *overrides], run=False)
+    cli = build_cli(["--config", config, "--trainer.logger=false", *overrides], run=False)
     module, dm = cli.model, cli.datamodule
     device = "cuda" if torch.cuda.is_available() else "cpu"
     skipped = None
-    if args.precision is None:
-        args.precision, skipped = default_precisions(device)
+    if precision is None:
+        precisions, skipped = default_precisions(device)
+    else:
+        precisions = [str(p) for p in precision]  # COMPUTE_DTYPE's keys: "32", not 32
     module.to(device).train()
     dm.prepare_data()
     dm.setup("fit")
     loader = iter(dm.train_dataloader())
-    batches = [next(loader).to(device) for _ in range(args.steps + 3)]
+    batches = [next(loader).to(device) for _ in range(steps + 3)]
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
 
     def step(batch, precision: str):
@@ -121,12 +128,12 @@ def main() -> None:
     flops_per_step = counter.get_total_flops()
     opt.zero_grad(set_to_none=True)
 
-    times: dict[str, list[float]] = {p: [] for p in args.precision}
-    for p in args.precision:
+    times: dict[str, list[float]] = {p: [] for p in precisions}
+    for p in precisions:
         for b in batches[:3]:
             step(b, p)
     for b in batches[3:]:  # interleaved, so a noisy spell on the machine hits every precision alike
-        for p in args.precision:
+        for p in precisions:
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -139,7 +146,7 @@ def main() -> None:
     images = statistics.mean(b.num_images for b in batches)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     n_params = sum(p.numel() for p in module.parameters())
-    print(f"config           {args.config} {' '.join(overrides)}")
+    print(f"config           {config} {' '.join(overrides)}")
     print(f"device           {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"params           {n_params / 1e6:.2f} M")
     print(f"batch            {batches[0].seq.shape[0]} rows x {batches[0].seq.shape[1]} positions, "
@@ -147,15 +154,15 @@ def main() -> None:
     print(f"FLOPs/step       {flops_per_step / 1e9:.2f} GFLOP (forward + backward)")
     if skipped:
         print(skipped)
-    base = statistics.median(times[args.precision[0]])
-    for p in args.precision:
+    base = statistics.median(times[precisions[0]])
+    for p in precisions:
         dtype = COMPUTE_DTYPE[p]
         n, repeats, note = peak_size(dtype, device)
         peak = matmul_peak(n, repeats, device=device, dtype=dtype)
         sec = statistics.median(times[p])
         print(f"--- precision {p}")
         print(f"step time        {sec * 1000:.0f} ms (median of {len(times[p])}; min {min(times[p]) * 1000:.0f}, "
-              f"max {max(times[p]) * 1000:.0f}); {base / sec:.2f}x the speed of precision {args.precision[0]}")
+              f"max {max(times[p]) * 1000:.0f}); {base / sec:.2f}x the speed of precision {precisions[0]}")
         print(f"tokens/s         {tokens / sec:,.0f}")
         print(f"images/s         {images / sec:,.1f}")
         print(f"achieved         {flops_per_step / sec / 1e9:.1f} GFLOP/s")
@@ -166,4 +173,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from jsonargparse import ArgumentParser
+
+    # Not auto_cli: it adds its own --config (a file of option values) and drops a function's ``config`` argument.
+    parser = ArgumentParser(description=main.__doc__.split("\n\n")[0])
+    parser.add_function_arguments(main, as_group=False)
+    main(**parser.parse_args().as_dict())

@@ -78,3 +78,16 @@ class MixedModalData(Protocol):
 
     def heldout_captions(self, split: str, n: int) -> list[str]:
         """The caption text of each image of ``heldout_images(split, n)``."""
+
+
+class PackingFromHparams:
+    """Datamodule mixin: ``seq_len`` and ``patch_size`` of :class:`MixedModalData` read from the datamodule's own
+    settings (``self.hparams``, saved by ``save_hyperparameters``)."""
+
+    @property
+    def seq_len(self) -> int:
+        return self.hparams.seq_len
+
+    @property
+    def patch_size(self) -> int:
+        return self.hparams.patch_size

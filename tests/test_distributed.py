@@ -152,7 +152,7 @@ def test_fsdp2_step_equals_single_process_step_and_checkpoint_holds_it(tmp_path,
     ``trainer.init_module(empty_init=True)`` (as the CLI does), the ranks initialise different shards.
     The distributed checkpoint written after the step, read with ``torch.distributed.checkpoint``, holds
     exactly the gathered in-memory weights: same keys, same values."""
-    proc = run_one_step(tmp_path, "fsdp2", *(["--meta"] if build == "meta" else []))
+    proc = run_one_step(tmp_path, "fsdp2", *(["--meta", "true"] if build == "meta" else []))
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = ranks(tmp_path)
     assert_ranks_saw_different_rows(records)
@@ -179,7 +179,7 @@ def test_fsdp2_step_equals_single_process_step_and_checkpoint_holds_it(tmp_path,
 
 @pytest.mark.slow
 def test_readme_fsdp2_strategy_is_sharded_data_parallel(tmp_path):
-    """The strategy exactly as README "Scale" spells it (``{"class_path": ...ModelParallelStrategy}``, its
+    """The strategy exactly as docs/scaling.md spells it (``{"class_path": ...ModelParallelStrategy}``, its
     defaults) must either shard data-parallel over both processes (the same step as the reference) or refuse
     to start with a message naming ``data_parallel_size``; silently training two unsharded copies on the
     same rows is neither."""

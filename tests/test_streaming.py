@@ -501,7 +501,7 @@ def test_ddp_ranks_split_an_epoch_without_repeats(prepared, tmp_path):
         env.pop(var, None)  # a fresh rendezvous (Lightning picks a free port)
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--data", str(prepared), "--out", str(out),
-                           "--docs-per-batch", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                           "--docs_per_batch", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert [(r["rank"], r["world_size"], r["backend"]) for r in records] == [(0, 2, "gloo"), (1, 2, "gloo")]

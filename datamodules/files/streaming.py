@@ -54,6 +54,7 @@ from lit_transfusion.batch import (
     pair_document,
     shifted_caption_pairs,
 )
+from lit_transfusion.data import PackingFromHparams
 from lit_transfusion.errors import SettingError
 from lit_transfusion.tokenizer import TextTokenizer
 from lit_transfusion.vae import LatentCodec
@@ -65,7 +66,7 @@ class NoValidationData(SettingError):
     line (exit status 2) although it is raised in ``setup``, inside ``trainer.fit``."""
 
 
-class PreparedDataModule(L.LightningDataModule):
+class PreparedDataModule(PackingFromHparams, L.LightningDataModule):
     """Packed documents streamed from a prepared directory (a ``lit_transfusion.data.MixedModalData``).
 
     Args:
@@ -219,14 +220,6 @@ class PreparedDataModule(L.LightningDataModule):
         _, h, w = self._manifest.latent_shape
         p = self.hparams.patch_size
         return (h // p) * (w // p)
-
-    @property
-    def seq_len(self) -> int:
-        return self.hparams.seq_len
-
-    @property
-    def patch_size(self) -> int:
-        return self.hparams.patch_size
 
     def image_codec(self) -> LatentCodec:
         """The VAE the latents were encoded with (loaded here)."""

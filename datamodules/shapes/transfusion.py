@@ -54,6 +54,7 @@ from lit_transfusion.batch import (
     pair_document,
     shifted_caption_pairs,
 )
+from lit_transfusion.data import PackingFromHparams
 from lit_transfusion.images import images_to_tensor
 from lit_transfusion.tokenizer import TextTokenizer
 from lit_transfusion.vae import LatentCodec, vae_latent_shape
@@ -63,7 +64,7 @@ _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 _CACHE_VERSION = 3  # bump when the cache layout changes
 
 
-class ShapesDataModule(L.LightningDataModule):
+class ShapesDataModule(PackingFromHparams, L.LightningDataModule):
     """Packed caption/image/text documents from the shapes world (a ``lit_transfusion.data.MixedModalData``).
 
     Args:
@@ -188,14 +189,6 @@ class ShapesDataModule(L.LightningDataModule):
     @property
     def image_size(self) -> int:
         return self.hparams.image_size
-
-    @property
-    def seq_len(self) -> int:
-        return self.hparams.seq_len
-
-    @property
-    def patch_size(self) -> int:
-        return self.hparams.patch_size
 
     @property
     def codes(self) -> bool:

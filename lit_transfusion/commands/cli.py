@@ -89,16 +89,8 @@ class TransfusionCLI(HardwareAwareCLI):
 def build_cli(argv: list[str] | None = None, run: bool = True, cli_class: type | None = None) -> LightningCLI:
     """The Transfusion CLI over ``argv`` (default: ``sys.argv[1:]``); ``run=False`` parses a bare config
     (no subcommand) and only instantiates the model, datamodule and trainer (benchmarks, notebooks)."""
-    return (cli_class or TransfusionCLI)(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=argv,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"epilog": COMMANDS} if run else {},
-    )
+    return _lightning_cli(cli_class or TransfusionCLI, LightningModule, argv, run,
+                          parser_kwargs={"epilog": COMMANDS} if run else {})
 
 
 def autoencoders() -> dict[str, type[LightningModule]]:
@@ -116,15 +108,13 @@ def build_autoencoder_cli(
 ) -> LightningCLI:
     """An image autoencoder's CLI, ``command`` one of :func:`autoencoders`
     (``python -m lit_transfusion vae fit --config configs/shapes/vae.yaml``, or ``vq`` with ``vq.yaml``)."""
-    return (cli_class or HardwareAwareCLI)(
-        autoencoders()[command],
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=argv,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-    )
+    return _lightning_cli(cli_class or HardwareAwareCLI, autoencoders()[command], argv, run)
+
+
+def _lightning_cli(cli_class: type, model_class: type, argv: list[str] | None, run: bool, **kwargs) -> LightningCLI:
+    """``cli_class`` over any subclass of ``model_class`` and any datamodule; config.yaml written in the run dir."""
+    return cli_class(model_class, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, args=argv,
+                     run=run, save_config_kwargs={"overwrite": True}, **kwargs)
 
 
 class ReportsBadSettings:

@@ -1,5 +1,5 @@
 """One optimizer step of the nano TransfusionModule on two CPU processes (gloo); run by
-``tests/test_distributed.py`` as ``python tests/distributed/one_step.py --strategy S --out DIR``.
+``tests/test_distributed.py`` as ``python tests/distributed/one_step.py --strategy S --out DIR [--meta true]``.
 
 Lightning's ``ddp`` and ``ModelParallelStrategy`` launch this very script again for rank 1. The data are the two
 hand-built batches of ``common.per_rank_batches`` behind Lightning's own distributed sampler (batch i is meant
@@ -16,11 +16,11 @@ plain SGD, so the test can redo the step in one process and compare. Writes to D
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Literal
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -92,30 +92,33 @@ def first(items):
     return items[0]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--strategy", choices=["ddp", "fsdp2", "fsdp2-auto"], required=True)
-    parser.add_argument("--meta", action="store_true", help="build on the meta device (trainer.init_module)")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    args.out.mkdir(parents=True, exist_ok=True)
+def main(strategy: Literal["ddp", "fsdp2", "fsdp2-auto"], out: Path, meta: bool = False) -> None:
+    """One optimizer step of the nano TransfusionModule on two CPU processes (gloo), recorded to ``out``.
 
-    if args.strategy == "ddp":
-        strategy = "ddp"
+    Args:
+        strategy: ddp; fsdp2 (ModelParallelStrategy, data parallel over both processes); fsdp2-auto (the README's
+            bare ModelParallelStrategy class_path)
+        out: the directory to write the records to (created)
+        meta: build on the meta device (trainer.init_module)
+    """
+    torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if strategy == "ddp":
+        lightning_strategy = "ddp"
     else:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         # fsdp2: sharded data parallel over both processes; fsdp2-auto: the README's bare class_path
-        strategy = (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if args.strategy == "fsdp2"
-                    else ModelParallelStrategy())
-    record = Record(args.out, perturb=args.meta)
+        lightning_strategy = (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+                              if strategy == "fsdp2" else ModelParallelStrategy())
+    record = Record(out, perturb=meta)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy=strategy, max_steps=1, precision="32-true",
+        accelerator="cpu", devices=2, strategy=lightning_strategy, max_steps=1, precision="32-true",
         gradient_clip_val=None, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[record],
     )
-    if args.meta:
+    if meta:
         with trainer.init_module(empty_init=True):
             module = PinnedModule(**module_kwargs())
     else:
@@ -124,15 +127,17 @@ def main() -> None:
     loader = DataLoader(per_rank_batches(), batch_size=1, collate_fn=first)
     trainer.fit(module, train_dataloaders=loader)
 
-    if args.strategy == "ddp":
-        torch.save(module.state_dict(), args.out / f"final_rank{trainer.global_rank}.pt")
+    if strategy == "ddp":
+        torch.save(module.state_dict(), out / f"final_rank{trainer.global_rank}.pt")
     final = full_state(module)
     if trainer.global_rank == 0:
-        torch.save(final, args.out / "final.pt")
-    if args.strategy != "ddp":
-        trainer.save_checkpoint(args.out / "ckpt")
+        torch.save(final, out / "final.pt")
+    if strategy != "ddp":
+        trainer.save_checkpoint(out / "ckpt")
 
 
 if __name__ == "__main__":
+    from jsonargparse import auto_cli
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()
+    auto_cli(main, as_positional=False)

@@ -8,7 +8,6 @@ the world size, the backend and the sample keys of every training batch the rank
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -37,28 +36,32 @@ class RecordKeys(L.Callback):
             batches=self.batches)))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--data", type=Path, required=True, help="a prepared directory")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--docs-per-batch", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    args.out.mkdir(parents=True, exist_ok=True)
+def main(data: Path, out: Path, docs_per_batch: int = 2) -> None:
+    """One training epoch over a prepared directory on two CPU processes (DDP); each rank's batches to ``out``.
 
-    data = PreparedDataModule(str(args.data), seq_len=128, batch_size=2, docs_per_batch=args.docs_per_batch)
+    Args:
+        data: a prepared directory
+        out: the directory to write rank{r}.json to (created)
+        docs_per_batch: samples (documents) per training batch
+    """
+    torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
+
+    datamodule = PreparedDataModule(str(data), seq_len=128, batch_size=2, docs_per_batch=docs_per_batch)
     torch.manual_seed(0)
-    module = TransfusionModule(vocab_size=data.vocab_size, special_ids=data.special_ids,
-                               latent_shape=data.latent_shape, size="nano", max_seq_len=128, warmup_steps=1)
+    module = TransfusionModule(vocab_size=datamodule.vocab_size, special_ids=datamodule.special_ids,
+                               latent_shape=datamodule.latent_shape, size="nano", max_seq_len=128, warmup_steps=1)
     # Plain DDP: a batch of text documents only still gives the image layers a (zero) gradient (module.losses).
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=1,
         precision="32-true", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[RecordKeys(args.out)],
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[RecordKeys(out)],
     )
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=datamodule)
 
 
 if __name__ == "__main__":
+    from jsonargparse import auto_cli
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()
+    auto_cli(main, as_positional=False)
