@@ -17,7 +17,7 @@ from lit_transfusion.patching import LinearPatcher, UNetPatcher
 from lit_transfusion.transformer import KV, Transformer, TransformerConfig
 
 # Named sizes: the paper's Table 2 (layers / width / heads) plus presets small enough for a 2-core CPU. The
-# U-Net patcher's base width scales with them: 1120 channels give the paper's ~0.27B-parameter U-Net (README).
+# U-Net patcher's base width scales with them: 1120 channels give the paper's ~0.27B-parameter U-Net (docs/scaling.md).
 SIZES: dict[str, dict[str, int]] = {
     "nano": dict(n_layers=2, dim=64, n_heads=2, unet_channels=32),
     "micro": dict(n_layers=2, dim=128, n_heads=2, unet_channels=64),

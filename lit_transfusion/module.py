@@ -66,8 +66,8 @@ class TransfusionModule(MixedModalModule):
         snr_gamma: None (the paper: plain noise MSE) or γ > 0 for Min-SNR-γ weighting, min(SNR_t, γ) / SNR_t
             per image (v_prediction: its v-form min(SNR_t, γ) / (SNR_t + 1) on the v-MSE, the same weighting).
             It turns down nearly clean images (small t), whose noise MSE is large but says little about the caption,
-            so more of the image gradient goes to the noise levels where text decides the picture (README: "How
-            text conditioning takes hold").
+            so more of the image gradient goes to the noise levels where text decides the picture (docs/measurements.md:
+            "How text conditioning takes hold").
         timestep_sampling: how training draws t. "uniform" (the paper): t ~ U{0..T-1} times the weight w(t).
             "importance" (needs ``snr_gamma``): t ∝ w(t) with a constant weight, the same expected loss without
             spending compute on images whose weight is near 0 (``Diffusion.importance_timesteps``).

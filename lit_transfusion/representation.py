@@ -13,8 +13,8 @@ A representation owns everything that depends on what an image is, and nothing e
 - ``text_targets(targets)``: the targets a *text* perplexity counts;
 - ``cond_gap(net, pairs, batch_idx)``: one batch of ``val/cond_gap`` sums [levels, 3];
 - ``sampler(model, special)``: generation (diffusion loop, or code decoding);
-- ``codec_type``: the frozen pixel codec class (``LatentCodec`` / ``CodeCodec``): ``export`` writes it, ``sample``
-  reads it back.
+- ``codec_type``: the frozen pixel codec class (``LatentCodec`` / ``CodeCodec``): ``module.codec`` refuses a codec
+  of another class (data prepared for the other representation).
 
 ``net`` is the training module (``lit_transfusion.training.MixedModalModule``): ``net(batch, latents, t)`` runs
 the model, ``net.model`` is the ``TransfusionModel``. The representation holds no parameters (the network is the

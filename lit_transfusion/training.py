@@ -128,6 +128,10 @@ class MixedModalModule(L.LightningModule):
                 raise RuntimeError(f"{type(self).__name__} has no codec: fit/validate/test with a datamodule "
                                    "(lit_transfusion.data.MixedModalData), or call attach_codec(codec)")
             self.__dict__["_codec"] = self._codec_loader()
+        expected = self.representation.codec_type
+        if not isinstance(self.__dict__["_codec"], expected):  # e.g. VAE latents data for a codes model
+            raise TypeError(f"{type(self).__name__}: the data's codec is a {type(self.__dict__['_codec']).__name__}; "
+                            f"its {type(self.representation).__name__} images need a {expected.__name__}")
         codec = self.__dict__["_codec"].to(self.device)
         self.__dict__["_codec"] = codec
         return codec

@@ -4,7 +4,7 @@ run with an uninformative (constant) caption does not, so the gap is the caption
 image's.
 
 The world: four captions ``<bos> c`` (c = 5..8), each image the class's fixed random 4x4x4 pattern plus a
-little noise. Documents are packed four to a row, as in training. The measure is the README's ``cond_gap``:
+little noise. Documents are packed four to a row, as in training. The measure is docs/method.md's ``cond_gap``:
 (MSE with shuffled captions - MSE with true captions) / MSE with shuffled captions, same noise for both,
 averaged over t in {250, 500, 750}.
 """

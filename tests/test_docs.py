@@ -243,7 +243,7 @@ def run_example(name: str, namespace: dict | None = None) -> dict:
 
 
 def test_extending_examples_are_tagged():
-    assert {"patcher", "objective", "source-reader"} <= set(examples())
+    assert {"patcher", "objective", "representation", "source-reader"} <= set(examples())
 
 
 def packed_batch(patch_size: int):
@@ -299,6 +299,89 @@ def test_example_new_objective():
     # Output layers start at zero: the prediction is 0, so the MSE to x0 is the mean square of the latents.
     expected = b.latents.float().pow(2).flatten(1).mean(1)
     torch.testing.assert_close(got["mse_per_image"], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_example_new_representation(tmp_path):
+    import lightning as L
+
+    from lit_transfusion.batch import (
+        Image,
+        SpecialIds,
+        Text,
+        caption_image_document,
+        greedy_rows,
+        pack_pairs,
+        pack_rows,
+    )
+    from lit_transfusion.generation import SamplingConfig
+    from lit_transfusion.training import MixedModalModule
+
+    torch.manual_seed(0)
+    ns = run_example("representation")
+    module, codec = ns["module"], ns["codec"]
+    assert isinstance(module, MixedModalModule) and isinstance(module.representation, ns["PixelPatches"])
+    assert isinstance(module.codec, module.representation.codec_type) and module.config.latent_shape == (3, 8, 8)
+    # The codec: 32 px -> 8x8x3 means and back; blockwise-constant images round-trip exactly; save / from_dir.
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
+    pixels = blocks.repeat_interleave(4, -1).repeat_interleave(4, -2)  # [4, 3, 32, 32]
+    latents = codec.encode(pixels)
+    torch.testing.assert_close(latents, blocks * codec.scale)
+    torch.testing.assert_close(codec.decode(latents), pixels)
+    codec.save(tmp_path / "pixels")
+    again = type(codec).from_dir(tmp_path / "pixels")
+    assert (again.factor, again.scale) == (codec.factor, codec.scale)
+
+    # A packed batch of pixel images: a finite loss whose gradient reaches the patcher and the transformer.
+    special = SpecialIds(**ns["special"])
+    docs = [[Text([1, 5 + k % 20, 6 + k % 7]), Image(codec.encode(pixels[k % 4: k % 4 + 1])[0]), Text([2])]
+            for k in range(12)]
+    batches = [pack_rows(greedy_rows(docs[i:i + 4], 64, 16), 64, 2, special) for i in (0, 4, 8)]
+    # A fresh model predicts 0 (zero output layers), so the image MSE is the mean square of the noise (ε-prediction).
+    b = batches[0]
+    with torch.no_grad():
+        got = module.losses(b, t=torch.full((b.num_images,), 300), generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(b.latents.shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got["mse_per_image"], noise.pow(2).flatten(1).mean(1))
+    out = module.training_losses(b)
+    assert set(module.representation.logged_losses) <= set(out) and torch.isfinite(out["loss"])
+    assert out["loss_image"] > 0 and out["loss_text"] > 0
+    out["loss"].backward()
+    assert module.model.patcher.output_layers()[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in module.model.parameters())
+    assert sum(p.grad.abs().sum() for p in module.model.transformer.parameters()) > 0
+    module.zero_grad()
+
+    # Three optimizer steps under a Lightning Trainer (CPU, fp32) change the weights.
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        num_sanity_val_steps=0)
+    trainer.fit(module, train_dataloaders=loader)
+    assert trainer.global_step == 3
+    after = module.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    # val/cond_gap sums of caption pairs: [1 level, 3], finite, counting every image.
+    pairs = pack_pairs([(caption_image_document([5 + k], Image(latents[k]), special),
+                         caption_image_document([5 + (k + 1) % 4], Image(latents[k]), special)) for k in range(4)],
+                       2, special)
+    with torch.no_grad():
+        sums = module.representation.cond_gap(module, pairs, 0)
+    assert sums.shape == (module.representation.cond_gap_levels, 3) and torch.isfinite(sums).all()
+    assert sums[0, 2] == 4
+
+    # One image through the module's sampler, decoded to pixels by the module's codec.
+    cfg = SamplingConfig(steps=3, scheduler="ddim", guidance_scale=2.0, seed=0)
+    with torch.no_grad():
+        sampler = module.sampler()
+        image = sampler.generate_images([[5, 6]], cfg)
+    assert sampler.diffusion is module.representation.diffusion  # it samples the process it trained
+    assert image.shape == (1, *module.config.latent_shape) and torch.isfinite(image).all()
+    decoded = module.codec.decode(image)
+    assert decoded.shape == (1, 3, 32, 32) and decoded.abs().max() <= 1
 
 
 def test_example_new_data_source(tmp_path):

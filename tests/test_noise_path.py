@@ -5,7 +5,7 @@ patchers treat every image on its own (the U-Net's skips included).
 A fresh model predicts exactly zero noise (its output layers start at zero), which makes every image-loss
 bug invisible; ``randomize_output_heads`` gives those layers random weights first. The reference here is
 an independent re-implementation of the forward (one image at a time through the patcher, a mask built by
-loops from the README's rule), not the model's own vectorized indexing.
+loops from docs/method.md's rule), not the model's own vectorized indexing.
 """
 
 import pytest
@@ -83,7 +83,7 @@ def first_patch(b, k: int) -> tuple[int, int]:
 
 
 def rule_mask(seq) -> torch.Tensor:
-    """The README's rule, position by position: same document and (causal or same image)."""
+    """docs/method.md's rule (Mask), position by position: same document and (causal or same image)."""
     B, n = seq.doc_ids.shape
     d, im = seq.doc_ids.tolist(), seq.image_ids.tolist()
     mask = torch.zeros(B, 1, n, n, dtype=torch.bool)

@@ -179,7 +179,7 @@ def _tiny_fit(tmp: Path, steps: int) -> list[str]:
 
 @pytest.mark.slow
 def test_export_prepare_fit_sample_through_the_cli(tmp_path):
-    """The README's path, command by command, on data laid out exactly as a user's would be."""
+    """docs/your_data.md's path, command by command, on data laid out exactly as a user's would be."""
     import subprocess
     import sys
 
