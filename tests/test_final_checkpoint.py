@@ -11,6 +11,8 @@ import importlib
 import itertools
 import os
 import signal
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -87,35 +89,25 @@ class FakeClock(Callback):
         self.now += 0.1
 
 
-def assert_final_state_kept(ckpt_dir: Path, t: L.Trainer, module: L.LightningModule, interval: int) -> None:
-    assert t.global_step > interval, "the run must pass the shipped checkpoint interval"
+def assert_final_state_kept(ckpt_dir: Path, step: int, state: dict, interval: int) -> None:
+    """``last.ckpt`` holds ``step`` (past the periodic checkpoint at ``interval``) and the weights ``state``."""
+    assert step > interval, "the run must pass the shipped checkpoint interval"
     assert (ckpt_dir / f"epoch=0-step={interval}.ckpt").is_file(), "the periodic checkpoint was written first"
     saved = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
-    assert saved["global_step"] == t.global_step, f"last.ckpt holds step {saved['global_step']}, training ended " \
-                                                  f"at {t.global_step}"
-    state = module.state_dict()
+    assert saved["global_step"] == step, f"last.ckpt holds step {saved['global_step']}, training ended at {step}"
     assert saved["state_dict"].keys() == state.keys()
     for k, v in saved["state_dict"].items():
         assert torch.equal(v, state[k]), f"{k}: last.ckpt differs from the weights in memory"
 
 
-# How each stop is provoked, and what fit raises (None: it returns).
-def _sigterm(trainer):
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _sigint(trainer):
-    os.kill(os.getpid(), signal.SIGINT)
-
-
-@pytest.mark.parametrize("stop", ["max_steps", "max_time", "flops_budget", "early_stopping", "sigterm", "sigint",
-                                  "exception"])
-def test_last_checkpoint_holds_the_final_state(tmp_path, monkeypatch, stop):
+def build(stop: str, tmp_path: Path, monkeypatch=None):
+    """(trainer, module, fit's keyword arguments, the step the run must end at, the checkpoint interval) of a run
+    that ``stop`` ends, with the checkpoint callback exactly as configs/shapes/tiny.yaml ships it."""
     ckpt = shipped_checkpoint(MAIN_CONFIG, tmp_path / "ckpt")
     interval = ckpt._every_n_train_steps
     assert interval >= 100 and ckpt.save_last, "the shipped callback saves last.ckpt every few hundred steps"
     end = interval + 7  # past the interval, not on it
-    module, callbacks, kw, raises = make_module(), [ckpt], {"max_steps": 100 * interval}, None
+    module, callbacks, kw = make_module(), [ckpt], {"max_steps": 100 * interval, "limit_val_batches": 0}
     data = {"train_dataloaders": endless()}
     if stop == "max_steps":
         kw["max_steps"] = end
@@ -132,26 +124,55 @@ def test_last_checkpoint_holds_the_final_state(tmp_path, monkeypatch, stop):
         callbacks.append(EarlyStopping(monitor="val/loss", stopping_threshold=float("inf")))  # stops at its first
         kw.update(val_check_interval=end, check_val_every_n_epoch=None, limit_val_batches=1)
         data["val_dataloaders"] = loader(1)
-    elif stop == "sigterm":
-        callbacks.append(At(end, _sigterm))  # acted on at the end of the same step (checkpoints run last)
-        raises = SystemExit
-    elif stop == "sigint":
-        callbacks.append(At(end, _sigint))
-        raises = SystemExit
+    elif stop in SIGNALS:  # the signal to this process at the end of step `end`, acted on in the same step
+        callbacks.append(At(end, lambda trainer: os.kill(os.getpid(), SIGNALS[stop])))
     elif stop == "exception":
         callbacks.append(FailAt(end))
-        raises = RuntimeError
-    kw.setdefault("limit_val_batches", 0)
-    t = trainer(tmp_path, callbacks=callbacks, **kw)
-    if raises is None:
-        t.fit(module, **data)
-    else:
-        with pytest.raises(raises) as info:
+    return trainer(tmp_path, callbacks=callbacks, **kw), module, data, end, interval
+
+
+SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT}
+
+
+@pytest.mark.parametrize("stop", ["max_steps", "max_time", "flops_budget", "early_stopping", "exception"])
+def test_last_checkpoint_holds_the_final_state(tmp_path, monkeypatch, stop):
+    t, module, data, end, interval = build(stop, tmp_path, monkeypatch)
+    if stop == "exception":
+        with pytest.raises(RuntimeError, match="planted failure"):
             t.fit(module, **data)
-        if stop == "sigterm":
-            assert info.value.code == SIGTERM_EXIT, "a pre-empted run must not exit 0 (a sweep would call it done)"
+    else:
+        t.fit(module, **data)
     assert t.global_step == end, f"{stop}: stopped at {t.global_step}, planned {end}"
-    assert_final_state_kept(tmp_path / "ckpt", t, module, interval)
+    assert_final_state_kept(tmp_path / "ckpt", t.global_step, module.state_dict(), interval)
+
+
+def run_until_signal(stop: str, out: str) -> None:
+    """A whole process stopped by ``stop``'s signal (the way a cluster pre-empts a job; a signal to pytest's own
+    process would change its handlers): fit, then save the trainer's step and the weights in memory to
+    ``out/result.pt`` and exit with fit's exit status."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a background shell starts us with SIGINT ignored
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    t, module, data, _, _ = build(stop, Path(out))
+    code = 0
+    try:
+        t.fit(module, **data)
+    except SystemExit as e:
+        code = e.code
+    torch.save({"global_step": t.global_step, "state_dict": module.state_dict()}, Path(out) / "result.pt")
+    raise SystemExit(code)
+
+
+@pytest.mark.parametrize("stop, status", [("sigterm", SIGTERM_EXIT), ("sigint", 1)])
+def test_a_signal_leaves_the_final_state(tmp_path, stop, status):
+    """SIGTERM: exit status 143 (a pre-empted run must not look finished to a sweep); SIGINT: Lightning's 1."""
+    code = f"from tests.test_final_checkpoint import run_until_signal; run_until_signal({stop!r}, {str(tmp_path)!r})"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == status, proc.stderr[-3000:]
+    result = torch.load(tmp_path / "result.pt", map_location="cpu", weights_only=False)
+    interval = shipped_checkpoint(MAIN_CONFIG, tmp_path / "unused")._every_n_train_steps
+    assert result["global_step"] == interval + 7, f"{stop}: stopped at {result['global_step']}"
+    assert_final_state_kept(tmp_path / "ckpt", result["global_step"], result["state_dict"], interval)
 
 
 def _positions_per_step() -> float:
