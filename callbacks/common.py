@@ -20,8 +20,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 
 from lit_transfusion.generation import SamplingConfig, TransfusionSampler
+from lit_transfusion.hardware import machine
 from lit_transfusion.vae import LatentCodec
 
 
@@ -30,8 +32,9 @@ class EvaluationCallback(L.Callback):
     logs what it returns, and writes ``metrics.json`` (validation: latest + history) or ``metrics_test.json``.
 
     Subclasses implement ``check_datamodule(dm)`` (raise ``TypeError`` for a datamodule they cannot read; called
-    once per evaluation, here) and ``compute(pl_module, dm, split, log_dir=, step=, logger=, stage=) ->
-    {"{stage}/<name>": float}``.
+    once per evaluation, here) and ``compute(pl_module, dm, split, log_dir=, step=, logger=, stage=, final=) ->
+    {"{stage}/<name>": float}``; ``final`` (see :func:`is_final_evaluation`) lets them spend more on the numbers a
+    run is judged by.
     """
 
     METRICS: tuple[str, ...] = ()  # prefixes of the metric names (after "{stage}/") that ``compute`` returns
@@ -42,16 +45,20 @@ class EvaluationCallback(L.Callback):
         self._evals = 0
         self._history: list[dict] = []
         self._last: dict[str, float] = {}
+        self._start: float | None = None
 
     # ------------------------------------------------------------------------------------------- to implement
     def check_datamodule(self, dm) -> None:
         raise NotImplementedError
 
     def compute(self, pl_module, dm, split: str, log_dir: Path | None = None, step: int = 0, logger=None,
-                stage: str = "val") -> dict[str, float]:
+                stage: str = "val", final: bool = False) -> dict[str, float]:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------- hooks
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.time()  # metrics.json's run.wall_seconds: from the start of fit to each evaluation
+
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last = {}
 
@@ -85,7 +92,8 @@ class EvaluationCallback(L.Callback):
         was_training = pl_module.training
         zero = trainer.is_global_zero  # under sharding every rank computes; only rank 0 writes files
         metrics = self.compute(pl_module, dm, split, log_dir=run_dir(trainer) if zero else None,
-                               step=trainer.global_step, logger=trainer.logger if zero else None, stage=stage)
+                               step=trainer.global_step, logger=trainer.logger if zero else None, stage=stage,
+                               final=is_final_evaluation(trainer, stage))
         pl_module.train(was_training)
         metrics[f"{stage}/eval_seconds"] = time.perf_counter() - start
         for name, value in metrics.items():
@@ -100,12 +108,14 @@ class EvaluationCallback(L.Callback):
         values = {k: float(v) for k, v in trainer.callback_metrics.items()
                   if k.startswith(f"{stage}/") and (k in self._last or not self._is_eval_metric(k))}
         entry = {"step": trainer.global_step, **dict(sorted(values.items()))}
+        run = {"machine": machine(), "precision": str(trainer.precision), "steps": trainer.global_step,
+               "wall_seconds": time.time() - self._start if self._start is not None else None}
         if stage == "val":
             self._history.append(entry)
-            payload = {"latest": entry, "history": self._history}
+            payload = {"latest": entry, "history": self._history, "run": run}
             name = "metrics.json"
         else:
-            payload, name = {"latest": entry}, "metrics_test.json"
+            payload, name = {"latest": entry, "run": run}, "metrics_test.json"
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / name).write_text(json.dumps(payload, indent=2))
 
@@ -113,6 +123,18 @@ class EvaluationCallback(L.Callback):
         """Is ``name`` (e.g. ``val/fid``) one of the metrics this callback computes?"""
         metric = name.split("/", 1)[-1]
         return metric.startswith((*self.METRICS, "eval_seconds"))
+
+
+def is_final_evaluation(trainer: L.Trainer, stage: str) -> bool:
+    """Is this the evaluation a run is judged by: ``test``, a standalone ``validate``, or the last validation of
+    ``fit`` (``max_steps`` reached, the last batch of the last epoch, or the trainer stopping early)?"""
+    if stage == "test" or trainer.state.fn != TrainerFn.FITTING:
+        return True
+    if trainer.should_stop or (trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps):
+        return True
+    last_epoch = trainer.max_epochs is not None and trainer.max_epochs > 0 and \
+        trainer.current_epoch + 1 >= trainer.max_epochs
+    return last_epoch and bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
 
 def run_dir(trainer: L.Trainer) -> Path | None:

@@ -7,15 +7,24 @@ At the end of every ``every_n_evals``-th validation (and in ``test``), on the da
     {stage}/ppl_caption    perplexity of held-out captions in caption -> image documents (``dm.caption_documents``)
     {stage}/fid            FID of images generated from :meth:`fid_prompts` against ``dm.heldout_images`` (the real
                            statistics computed once per split and kept; skipped with fewer than two of either)
+    {stage}/kid, kid_std   KID (unbiased, so usable at small n) of the same two sets through the same feature net, and
+                           its spread over subsets (``callbacks.fid.ImageDistances``)
+    {stage}/fid_n          the number of generated images FID and KID used (both depend on it: compare runs only at
+                           equal ``fid_n``); ``{stage}/fid_real_n`` the size of the real set
     {stage}/captions       TensorBoard text: the model's captions of held-out images beside their references
     {stage}/samples        a grid: one row per :meth:`grid_prompts` entry, ``grid_images`` samples each, also
                            written to ``<run dir>/samples/{stage}_step_<N>.png``
 
 A dataset plugs in by overriding the hooks: :meth:`fid_prompts` (which captions make FID's fake set),
 :meth:`score_images` (a score of those images, e.g. the shapes world's GenEval), :meth:`score_captions` (a score of
-the captions, e.g. the shapes world's attribute accuracy) and :meth:`grid_prompts`. Further metrics on the same
-images (KID, floors, intervals) belong here, beside FID. The FID network lives on this callback, not on the
-LightningModule, so it never enters a checkpoint.
+the captions, e.g. the shapes world's caption precision and recall) and :meth:`grid_prompts`. Floors of these
+metrics come from ``python -m lit_transfusion floors`` (``results/floors/``).
+
+The final evaluation (``test``, a standalone ``validate``, and the last validation of ``fit``: ``max_steps`` reached or
+the trainer stopping) generates ``final_fid_images`` images for FID/KID instead of the periodic number: FID's
+finite-sample bias is large at n = 96, and the numbers a run is judged by should not carry it.
+
+The FID/KID network lives on this callback, not on the LightningModule, so it never enters a checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.common import EvaluationCallback, generate_uint8, log_grid, tensorboard
-from callbacks.fid import FEATURES, INCEPTION_WEIGHTS_HINT, make_fid, to_uint8_nchw
+from callbacks.fid import FEATURES, INCEPTION_WEIGHTS_HINT, ImageDistances, to_uint8_nchw
 from callbacks.perplexity import perplexity
 from lit_transfusion.batch import SpecialIds, greedy_rows, pack_rows
 from lit_transfusion.data import MixedModalData
@@ -43,7 +52,11 @@ class EvaluationCore(EvaluationCallback):
 
     Args:
         every_n_evals: evaluate at every n-th validation (0: only in ``test``).
-        fid_images: held-out images forming FID's real set (compare FIDs only at equal set sizes; 0: no FID).
+        fid_images: held-out images forming FID's real set and, by default, the number generated for it (compare
+            FIDs only at equal set sizes; 0: no FID).
+        final_fid_images: images generated for FID/KID at the final evaluation (see the module docstring; the real
+            set grows to at least this many held-out images too; 0: as at the periodic ones).
+        kid_subsets: KID's subsets (each of ``min(n_real, n_fake)`` images; more: a steadier ``kid_std``).
         fid_feature: "shapes" (the shipped feature net) or "inception" (needs ``inception_weights``).
         inception_weights: path to FID Inception-v3 weights (nothing is downloaded).
         num_captions: held-out images to caption (0: none).
@@ -55,12 +68,14 @@ class EvaluationCore(EvaluationCallback):
             evaluations differ only by the model.
     """
 
-    METRICS: tuple[str, ...] = ("ppl_", "fid")
+    METRICS: tuple[str, ...] = ("ppl_", "fid", "kid")
 
     def __init__(
         self,
         every_n_evals: NonNegativeInt = 1,
         fid_images: NonNegativeInt = 64,
+        final_fid_images: NonNegativeInt = 384,
+        kid_subsets: PositiveInt = 100,
         fid_feature: str = "shapes",
         inception_weights: str | None = None,
         num_captions: NonNegativeInt = 16,
@@ -81,16 +96,18 @@ class EvaluationCore(EvaluationCallback):
         self.grid_images, self.batch_size = grid_images, batch_size
         self._fid_off = fid_images == 0 or (fid_feature == "inception" and inception_weights is None)
         self._warn_fid_off = fid_images > 0 and self._fid_off
-        self._fid = None
-        self._fid_split: str | None = None
+        self.final_fid_images, self.kid_subsets = final_fid_images, kid_subsets
+        self._fid: ImageDistances | None = None
+        self._fid_key: tuple[str, int] | None = None  # (split, real images asked for) of the cached real set
 
     def check_datamodule(self, dm: MixedModalData) -> None:
         """Every ``MixedModalData`` will do; a dataset's scorer may need more (``ShapesEvaluation``)."""
 
     # ------------------------------------------------------------------------------------------ hooks
-    def fid_prompts(self, dm: MixedModalData, split: str) -> list[str]:
-        """Captions whose images form FID's fake set (default: the held-out images' own captions)."""
-        return dm.heldout_captions(split, self.fid_images)
+    def fid_prompts(self, dm: MixedModalData, split: str, n: int | None = None) -> list[str]:
+        """Captions whose images form FID's fake set: about ``n`` of them (None: the periodic evaluation's number)
+        (default: the held-out images' own captions)."""
+        return dm.heldout_captions(split, n or self.fid_images)
 
     def score_images(self, dm: MixedModalData, split: str, prompts: list[str], images: torch.Tensor,
                      stage: str) -> dict[str, float]:
@@ -108,9 +125,9 @@ class EvaluationCore(EvaluationCallback):
     # ------------------------------------------------------------------------------------------ core
     @torch.no_grad()
     def compute(self, pl_module, dm: MixedModalData, split: str, log_dir: Path | None = None, step: int = 0,
-                logger=None, stage: str = "val") -> dict[str, float]:
-        """All metrics for ``split`` of ``dm`` (set up); logs the grid and captions where given a logger.
-        Returns ``{"{stage}/<metric>": float}``."""
+                logger=None, stage: str = "val", final: bool = False) -> dict[str, float]:
+        """All metrics for ``split`` of ``dm`` (set up); logs the grid and captions where given a logger. ``final``:
+        the final evaluation (``final_fid_images`` for FID/KID). Returns ``{"{stage}/<metric>": float}``."""
         tok = dm.tokenizer
         sampler = pl_module.sampler(SpecialIds(**dm.special_ids))
         # A configured prompt may be longer than the model can hold next to its image: keep what fits.
@@ -121,15 +138,19 @@ class EvaluationCore(EvaluationCallback):
             rank_zero_warn(f"{type(self).__name__} skips FID: fid_feature='inception' needs inception_weights. "
                            f"{INCEPTION_WEIGHTS_HINT}.")
             self._warn_fid_off = False
-        prompts = self.fid_prompts(dm, split)
+        n = self.final_fid_images if final and self.final_fid_images else None
+        prompts = self.fid_prompts(dm, split, n)
         if prompts:
             images = self._generate(pl_module, sampler, [tok.encode(t)[:room] for t in prompts])
             out.update(self.score_images(dm, split, prompts, images, stage))
-            fid = None if self._fid_off or len(images) < 2 else self._real_fid(dm, split, pl_module.device)
+            real = max(self.fid_images, n or 0)
+            fid = None if self._fid_off or len(images) < 2 else self._real_fid(dm, split, pl_module.device, real)
             if fid is not None:
-                fid.reset()  # fake features only (reset_real_features=False)
-                fid.update(images.to(pl_module.device), real=False)
-                out[f"{stage}/fid"] = float(fid.compute())
+                fid.reset()  # fake features only (the real ones are kept)
+                chunk = self.batch_size or len(images)
+                for i in range(0, len(images), chunk):
+                    fid.update(images[i : i + chunk].to(pl_module.device), real=False)
+                out.update({f"{stage}/{k}": v for k, v in fid.compute().items()})
 
         if self.num_captions:
             real = dm.heldout_images(split, self.num_captions)  # uint8 [n, H, W, 3]
@@ -167,21 +188,21 @@ class EvaluationCore(EvaluationCallback):
     def _generate(self, pl_module, sampler: TransfusionSampler, ids: list[list[int]]) -> torch.Tensor:
         return generate_uint8(sampler, pl_module.codec, ids, self.sampling, self.batch_size)  # uint8 [N, 3, H, W]
 
-    def _real_fid(self, dm: MixedModalData, split: str, device: torch.device):
-        """The FID metric holding the real statistics of ``split``'s held-out images (computed once per split), or
-        None when the split has fewer than two."""
-        if self._fid is None or self._fid_split != split:
-            real = dm.heldout_images(split, self.fid_images)  # uint8 [n, H, W, 3]
+    def _real_fid(self, dm: MixedModalData, split: str, device: torch.device, n: int) -> ImageDistances | None:
+        """FID and KID (``ImageDistances``) holding the features of ``split``'s first ``n`` held-out images (computed
+        once per split and n), or None when the split has fewer than two."""
+        if self._fid is None or self._fid_key != (split, n):
+            real = dm.heldout_images(split, n)  # uint8 [n, H, W, 3]
             if len(real) < 2:
                 return None
             # sync_on_compute=False: only rank 0 gets here (see callbacks.common); a gather would hang.
-            self._fid = make_fid(self.fid_feature, inception_weights=self.inception_weights,
-                                 sync_on_compute=False).to(device)
+            self._fid = ImageDistances(self.fid_feature, inception_weights=self.inception_weights,
+                                       kid_subsets=self.kid_subsets, sync_on_compute=False).to(device)
             real = to_uint8_nchw(real)  # [n, 3, H, W]
             step = self.batch_size or len(real)
             for i in range(0, len(real), step):
                 self._fid.update(real[i : i + step].to(device), real=True)
-            self._fid_split = split
+            self._fid_key = (split, n)
         return self._fid.to(device)
 
     def _caption(self, sampler: TransfusionSampler, images: torch.Tensor, patches: int) -> list[list[int]]:

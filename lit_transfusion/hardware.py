@@ -179,3 +179,26 @@ def _clear_caches() -> None:
 
 
 __all__ = ["ENV_CPU_BF16", "cpu_bf16_native", "cpu_capability", "matmul_rates", "resolve_precision"]
+
+
+# CPU flags that decide which precision is fast here (the classes this project's timings name).
+CPU_CLASS_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "bf16")
+
+
+def machine() -> dict:
+    """What a timing or a metric was measured on: CPU model, its precision-relevant flags, usable cores, the GPU
+    (or None) and the torch version. Recorded in every run's ``metrics.json``."""
+    import os
+
+    model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.partition(":")[2].strip() for line in f if line.lower().startswith("model name")),
+                         None)
+    except OSError:
+        pass
+    flags = _proc_cpuinfo_flags() or set()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": model, "cpu_flags": [f for f in CPU_CLASS_FLAGS if f in flags], "cores": cores, "gpu": gpu,
+            "torch": torch.__version__}

@@ -27,6 +27,7 @@ import yaml
 from callbacks.flops import FlopsBudget, probe_positions
 from lit_transfusion.commands.sweep import equal_flops as equal_flops_module
 from lit_transfusion.commands.sweep import results as sweep_results
+from lit_transfusion.commands.sweep.claims import judge_all
 from lit_transfusion.commands.sweep.equal_flops import Parity, PowerLaw, equal_flops, fit_power_law, parity_ratio
 from lit_transfusion.commands.sweep.expand import BUDGET_CALLBACK, FLOPS_CALLBACK, expand, fit_args
 from lit_transfusion.commands.sweep.load import load_sweep
@@ -68,17 +69,17 @@ def test_power_law_fit_recovers_scale_and_slope():
 def test_parity_ratio_lower_is_better_same_slope():
     """A family whose loss at compute C equals the reference's at 4·C matches it with a quarter of the compute."""
     reference, family = fitted(power_law(10.0, -0.1)), fitted(lambda c: 10.0 * (4 * c) ** -0.1)
-    result = parity_ratio(family, reference, budget=4e9, higher_is_better=False)
+    result = parity_ratio(family, reference.value_at(4e9), budget=4e9, higher_is_better=False)
     assert result.ratio == pytest.approx(0.25, rel=1e-9) and result.compute == pytest.approx(1e9, rel=1e-9)
     assert result.target == pytest.approx(10.0 * 4e9**-0.1, rel=1e-9)
     assert not result.extrapolated and not result.reason
-    assert parity_ratio(reference, reference, 4e9, False).ratio == pytest.approx(1.0, rel=1e-12)
+    assert parity_ratio(reference, reference.value_at(4e9), 4e9, False).ratio == pytest.approx(1.0, rel=1e-12)
 
 
 def test_parity_ratio_different_slopes_hand_computed():
     """reference 10·C^-0.1, family 25·C^-0.15: the target 10·(4e9)^-0.1 = 1.0959582 is reached at
     C = (1.0959582 / 25)^(-1/0.15) = 1.1332004e9, a ratio of 0.2833001."""
-    result = parity_ratio(fitted(power_law(25.0, -0.15)), fitted(power_law(10.0, -0.1)), 4e9, False)
+    result = parity_ratio(fitted(power_law(25.0, -0.15)), fitted(power_law(10.0, -0.1)).value_at(4e9), 4e9, False)
     assert result.target == pytest.approx(1.0959582263852172, rel=1e-9)
     assert result.compute == pytest.approx(1.1332004e9, rel=1e-6)
     assert result.ratio == pytest.approx(0.2833001, rel=1e-6)
@@ -88,28 +89,28 @@ def test_parity_ratio_higher_is_better():
     """A score that rises with compute: a family that needs 4× the compute for the same score has ratio 4 (4×
     the largest measured compute: an extrapolation, but within the 10× flag)."""
     reference, family = fitted(power_law(0.01, 0.2)), fitted(lambda c: 0.01 * (c / 4) ** 0.2)
-    result = parity_ratio(family, reference, budget=4e9, higher_is_better=True)
+    result = parity_ratio(family, reference.value_at(4e9), budget=4e9, higher_is_better=True)
     assert result.ratio == pytest.approx(4.0, rel=1e-9) and result.compute == pytest.approx(1.6e10, rel=1e-9)
     assert not result.extrapolated
 
 
 def test_parity_ratio_flags_far_extrapolation_both_ways():
     reference = fitted(power_law(10.0, -0.1))
-    far_up = parity_ratio(fitted(lambda c: 10.0 * (c / 50) ** -0.1), reference, 4e9, False)
+    far_up = parity_ratio(fitted(lambda c: 10.0 * (c / 50) ** -0.1), reference.value_at(4e9), 4e9, False)
     assert far_up.ratio == pytest.approx(50.0, rel=1e-9) and far_up.extrapolated  # 2e11 > 10 × 4e9
-    far_down = parity_ratio(fitted(lambda c: 10.0 * (c * 100) ** -0.1), reference, 4e9, False)
+    far_down = parity_ratio(fitted(lambda c: 10.0 * (c * 100) ** -0.1), reference.value_at(4e9), 4e9, False)
     assert far_down.ratio == pytest.approx(0.01, rel=1e-9) and far_down.extrapolated  # 4e7 < 1e9 / 10
-    near = parity_ratio(fitted(lambda c: 10.0 * (c / 9) ** -0.1), reference, 4e9, False)
+    near = parity_ratio(fitted(lambda c: 10.0 * (c / 9) ** -0.1), reference.value_at(4e9), 4e9, False)
     assert near.ratio == pytest.approx(9.0, rel=1e-9) and not near.extrapolated  # 3.6e10 < 10 × 4e9
 
 
 def test_no_ratio_when_the_fit_cannot_give_one():
     reference = fitted(power_law(10.0, -0.1))
-    flat = parity_ratio(fitted(lambda c: 2.0), reference, 4e9, False)
+    flat = parity_ratio(fitted(lambda c: 2.0), reference.value_at(4e9), 4e9, False)
     assert flat.ratio is None and flat.compute is None and flat.reason.startswith("flat fit")
-    worse = parity_ratio(fitted(power_law(1.0, 0.1)), reference, 4e9, higher_is_better=False)
+    worse = parity_ratio(fitted(power_law(1.0, 0.1)), reference.value_at(4e9), 4e9, higher_is_better=False)
     assert worse.ratio is None and "rises with compute, the wrong way (lower is better)" in worse.reason
-    falling_score = parity_ratio(fitted(power_law(1.0, -0.1)), reference, 4e9, higher_is_better=True)
+    falling_score = parity_ratio(fitted(power_law(1.0, -0.1)), reference.value_at(4e9), 4e9, higher_is_better=True)
     assert falling_score.ratio is None
     assert "falls with compute, the wrong way (higher is better)" in falling_score.reason
     with pytest.raises(ValueError, match="fewer than 2 compute values"):
@@ -141,7 +142,11 @@ def test_equal_flops_tables_ratios_and_reasons(tmp_path):
     analysis = equal_flops(runs, "ref", ["val/loss", "val/cond_gap"])
     assert analysis["budget"] == 4e9 and list(analysis["families"]["good"]) == [1e9, 4e9]
     good_parity = analysis["parity"]["val/loss"]["good"]
-    assert isinstance(good_parity, Parity) and good_parity.ratio == pytest.approx(0.25, rel=1e-9)
+    # The target is the reference's observed mean at 4e9 (its seeds at 4e9 and 4.08e9), solved on good's exact law
+    target = (ref(4e9) + ref(4.08e9)) / 2
+    ratio = (target / 10.0) ** -10 / 4 / 4e9
+    assert isinstance(good_parity, Parity) and good_parity.ratio == pytest.approx(ratio, rel=1e-9)
+    assert good_parity.target == pytest.approx(target, rel=1e-12) and good_parity.ratio_interval is not None
     assert analysis["parity"]["val/loss"]["lone"] == "fewer than 2 budgets with val/loss (1 run(s))"
     assert analysis["fits"]["val/cond_gap"]["ref"].startswith("values <= 0")
     assert analysis["fits"]["val/cond_gap"]["good"].startswith("fewer than 2 budgets")
@@ -156,8 +161,9 @@ def test_equal_flops_tables_ratios_and_reasons(tmp_path):
     assert f"| 4.04e+09 [4e+09, 4.08e+09] | 3.03e+09 [3e+09, 3.06e+09] | {statistics_cell(losses)} |" in \
         rows[("ref", "4e+09")]
     assert "| 0, 1 | 40 |" in rows[("ref", "4e+09")]  # seeds; steps (flops // 1e8 here)
-    assert "| 0.25× | matches at C = 1e+09 |" in rows[("val/loss ↓", "good")]
-    assert "| 1× | matches at C = 4e+09 |" in rows[("val/loss ↓", "ref (reference)")]
+    assert f"| {ratio:.3g}× [" in rows[("val/loss ↓", "good")]
+    assert f"matches at C = {ratio * 4e9:.4g} |" in rows[("val/loss ↓", "good")]
+    assert "× [" in rows[("val/loss ↓", "ref (reference)")]  # its own fit at its observed mean: near 1
     assert "| n/a | fewer than 2 budgets with val/loss (1 run(s)) |" in rows[("val/loss ↓", "lone")]
     assert "C* = 4e+09" in text and "⚠" not in rows[("val/loss ↓", "good")]
     assert "1.6e+10" not in text  # the failed run
@@ -237,6 +243,18 @@ VARIANTS = [{"name": "linear", "model.init_args.patcher": "linear"},
     ({"budgets": [2e9], "compare": {"reference": "linear", "metric": ["val/loss"]}}, "compare.metric: unknown key"),
     ({"budgets": [2e9], "compare": {"reference": "linear", "metrics": "val/loss"}}, "compare.metrics: a non-empty"),
     ({"budgets": [2e9], "compare": "linear"}, "compare: a mapping"),
+    ({"compare": {"metrics": ["val/loss"]}}, "compare: a reference: <family> (with budgets) or claims"),
+    ({"compare": {"claims": [{"metric": "val/loss", "arm": "unet", "reference": "linear", "direction": "down"}]}},
+     "compare.claims[0].direction: 'down': \"lower\" or \"higher\""),
+    ({"compare": {"claims": [{"metric": "val/loss", "arm": "unet"}]}}, "compare.claims[0]: a mapping {metric"),
+    ({"compare": {"claims": [{"metric": "val/loss", "arm": "unet", "reference": "lin", "direction": "lower"}]}},
+     "compare.claims[0].reference: 'lin': not a family of this sweep"),
+    ({"compare": {"claims": [{"metric": "val/loss", "arm": "unet", "reference": "unet", "direction": "lower"}]}},
+     "compare.claims[0]: arm and reference are both 'unet'"),
+    ({"compare": {"claims": [{"metric": "m", "arm": "unet", "reference": "linear", "direction": "lower"}],
+                  "floors": {"m": [2.0, 1.0]}}}, "compare.floors: m: [2.0, 1.0]: a number, [low, high]"),
+    ({"compare": {"claims": [{"metric": "m", "arm": "unet", "reference": "linear", "direction": "lower"}],
+                  "floors": {"m": "nowhere.json:a.b"}}}, "compare.floors: m: 'nowhere.json:a.b': expected"),
 ])
 def test_a_wrong_budget_or_compare_names_the_file_and_key(tmp_path, capsys, sections, where):
     sections.setdefault("variants", VARIANTS)
@@ -256,7 +274,8 @@ def test_budgets_written_as_yaml_text_are_numbers(tmp_path):
                        metrics=["val/loss", "val/cond_gap"])
     sweep = load_sweep(path)
     assert sweep.budgets == [2e9, 4e9]
-    assert sweep.compare == {"reference": "patch_size=2", "metrics": ["val/loss", "val/cond_gap"]}
+    assert sweep.compare == {"reference": "patch_size=2", "metrics": ["val/loss", "val/cond_gap"], "claims": [],
+                             "floors": {}}
     assert [r.run_id for r in expand(sweep)][:2] == ["patch_size=1-budget2e9-seed0", "patch_size=2-budget2e9-seed0"]
 
 
@@ -405,16 +424,48 @@ def test_collect_writes_equal_flops_from_the_run_files(equal_sweep, capsys):
             points[family] += [(f["flops_6nd"], m["val/loss"]) for f, m in zip(flops, latest, strict=True)]
     # The ratio, recomputed here from flops.json and metrics.json alone
     (b_ref, a_ref), (b_unet, a_unet) = (np.polyfit(*np.log(np.array(points[f]).T), 1) for f in ("linear", "unet"))
-    target = a_ref + b_ref * math.log(4e9)
+    observed = [json.loads((equal_sweep / "runs" / f"linear-budget4e9-seed{s}" / "metrics.json").read_text())
+                ["latest"]["val/loss"] for s in (0, 1)]
+    target = math.log(sum(observed) / 2)  # the reference's observed mean at its largest budget
     cells = rows[("val/loss ↓", "unet")]
     assert cells[2:4] == [f"{a_unet:.4g}", f"{b_unet:.4g}"] and cells[5] == "4"
     if b_unet < -1e-3:  # an improving fit: a ratio, else n/a with the reason
         ratio = f"{math.exp((target - a_unet) / b_unet) / 4e9:.3g}"
-        assert re.fullmatch(re.escape(ratio) + "×( ⚠)?", cells[7]), cells
+        assert re.fullmatch(re.escape(ratio) + r"×( \[[^]]+\])?( ⚠)?", cells[7]), cells
     else:
         assert cells[7] == "n/a"
-    assert rows[("val/loss ↓", "linear (reference)")][7] == "1×"
+    assert rows[("val/loss ↓", "linear (reference)")][7].split("×")[0] != ""
 
 
 def budget_label(budget: float) -> str:
     return {2e9: "2e9", 4e9: "4e9"}[budget]
+
+
+def test_claims_and_floors_load_without_budgets_and_get_verdicts(tmp_path):
+    """Claims need no budgets; a floor is a number, [low, high] or a JSON entry; the verdict follows stats.verdict,
+    and an arm whose interval touches the floor leaves the claim not resolved."""
+    (tmp_path / "floors.json").write_text(json.dumps({"loss": {"n96": {"mean": 5.0, "low": 4.0, "high": 6.0}}}))
+    claim = {"metric": "val/loss", "arm": "unet", "reference": "linear", "direction": "lower", "paper": "p"}
+    path = write_sweep(tmp_path / "s.yaml", name="s", base="configs/shapes/tiny.yaml", variants=VARIANTS,
+                       compare={"claims": [claim], "floors": {"val/loss": f"{tmp_path / 'floors.json'}:loss.n96",
+                                                                "val/x": 0.5, "val/y": [0.1, 0.3]}})
+    sweep = load_sweep(path)
+    assert sweep.compare["claims"] == [claim] and sweep.compare["reference"] is None
+    assert sweep.compare["floors"] == {"val/loss": [5.0, 4.0, 6.0], "val/x": [0.5] * 3, "val/y": [0.2, 0.1, 0.3]}
+    runs = [{"family": f, "variant": f, "status": "finished", "budget": None, "final": {"val/loss": v}}
+            for f, vs in (("unet", (1.0, 1.1, 1.2)), ("linear", (2.0, 2.1, 2.2))) for v in vs]
+    assert [c.verdict for c in judge_all(runs, sweep.compare)] == ["holds"]
+    reversed_claim = {**sweep.compare, "claims": [{**claim, "direction": "higher"}]}
+    assert [c.verdict for c in judge_all(runs, reversed_claim)] == ["reversed"]
+    near_floor = {**sweep.compare, "floors": {"val/loss": [2.0, 1.9, 3.0]}}
+    assert [c.verdict for c in judge_all(runs, near_floor)] == ["not resolved"]
+
+
+def test_parity_withholds_a_ratio_whose_target_touches_the_floor():
+    family = fitted(power_law(10.0, -0.1))
+    target = (1.0, 0.9, 1.1)
+    assert parity_ratio(family, 1.0, 4e9, False, target_interval=target, floor=(1.05, 1.05, 1.05)).reason.startswith(
+        "not resolved")
+    resolved = parity_ratio(family, 1.0, 4e9, False, target_interval=target, floor=(0.5, 0.5, 0.5))
+    assert resolved.ratio == pytest.approx(family.compute_at(1.0) / 4e9)
+    assert resolved.ratio_interval == pytest.approx(sorted(family.compute_at(v) / 4e9 for v in (0.9, 1.1)))

@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,9 @@ from tests.conftest import SPECIAL, random_documents, run_cli, small_run_args
 
 FAMILY_TAGS = [f"val/geneval/{f}" for f in
                ("single_object", "two_object", "counting", "colors", "position", "color_attr", "overall")]
+INTERVAL_TAGS = [f"{t}{s}" for t in FAMILY_TAGS for s in ("_low", "_high")]
+NEW_TAGS = ["val/kid", "val/kid_std", "val/fid_n", "val/fid_real_n", "val/geneval/n", *INTERVAL_TAGS,
+            *(f"val/caption_{k}{s}" for k in ("precision", "recall", "f1") for s in ("", "_low", "_high"))]
 
 
 def test_perplexity_is_exp_of_mean_cross_entropy():
@@ -44,7 +48,7 @@ def test_callback_writes_tensorboard_png_and_json(trained_run):
     events = EventAccumulator(str(trained_run), size_guidance={"images": 0, "tensors": 0})
     events.Reload()
     tags = events.Tags()
-    for tag in ["val/ppl_text", "val/ppl_caption", "val/fid", "val/caption_acc", *FAMILY_TAGS]:
+    for tag in ["val/ppl_text", "val/ppl_caption", "val/fid", "val/caption_acc", *FAMILY_TAGS, *NEW_TAGS]:
         assert tag in tags["scalars"], f"{tag} missing from {sorted(tags['scalars'])}"
     assert "val/samples" in tags["images"]
     grid = events.Images("val/samples")[-1]
@@ -56,14 +60,23 @@ def test_callback_writes_tensorboard_png_and_json(trained_run):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     latest = metrics["latest"]
     assert latest["step"] == 2 and len(metrics["history"]) == 1
-    for tag in ["val/ppl_text", "val/fid", "val/caption_acc", "val/cond_gap", "val/loss_text", *FAMILY_TAGS]:
-        assert tag in latest
+    run = metrics["run"]  # what the numbers were measured on
+    assert run["steps"] == 2 and run["precision"] and run["wall_seconds"] > 0
+    assert run["machine"]["torch"] == torch.__version__ and run["machine"]["cores"] >= 1
+    for tag in ["val/ppl_text", "val/fid", "val/caption_acc", "val/cond_gap", "val/loss_text", *FAMILY_TAGS,
+                *NEW_TAGS]:
+        assert tag in latest, sorted(latest)
     # the JSON holds the same numbers TensorBoard got
     assert latest["val/fid"] == pytest.approx(events.Scalars("val/fid")[-1].value, rel=1e-5)
     ppl = latest["val/ppl_text"]
     assert 1.0 < ppl < 10 * 512  # an untrained model over a 512-token vocabulary: near-uniform, not degenerate
     families = [latest[t] for t in FAMILY_TAGS[:-1]]
     assert latest["val/geneval/overall"] == pytest.approx(sum(families) / 6)
+    for tag in FAMILY_TAGS:
+        assert latest[f"{tag}_low"] <= latest[tag] <= latest[f"{tag}_high"]
+    # The last validation of fit (max_steps) is the final one: all 32 held-out prompts (num_val=32, fewer than
+    # final_fid_images asks for) x 2 images; FID/KID say which n they used.
+    assert latest["val/fid_n"] == latest["val/geneval/n"] == 64 and latest["val/fid_real_n"] == 32
 
 
 def test_test_subcommand_writes_metrics(trained_run, tmp_path):
@@ -71,8 +84,9 @@ def test_test_subcommand_writes_metrics(trained_run, tmp_path):
     proc = run_cli("test", "--config", "configs/shapes/tiny.yaml", *small_run_args(tmp_path), "--ckpt_path", str(ckpt))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads((tmp_path / "runs" / "shapes-tiny" / "version_0" / "metrics_test.json").read_text())["latest"]
-    for tag in ["test/ppl_text", "test/ppl_caption", "test/fid", "test/caption_acc", "test/geneval/overall",
-                "test/loss_text", "test/cond_gap"]:
+    for tag in ["test/ppl_text", "test/ppl_caption", "test/fid", "test/kid", "test/fid_n", "test/caption_acc",
+                "test/caption_f1", "test/geneval/overall", "test/geneval/overall_low", "test/loss_text",
+                "test/cond_gap"]:
         assert tag in out, sorted(out)
 
 
@@ -81,3 +95,36 @@ def test_inception_without_weights_fails_clearly():
 
     with pytest.raises(ValueError, match="local file"):
         ShapesEvaluation(fid_feature="inception")
+
+
+def test_geneval_intervals_and_prompts_on_ground_truth():
+    from callbacks.evaluation import geneval_prompts, geneval_with_intervals, prompts_per_family_for
+    from datamodules.shapes.scoring import geneval_scores
+    from datamodules.shapes.world import FAMILIES, ShapesWorld
+
+    world = ShapesWorld(0)
+    samples = [world.sample("val", i) for i in range(120)]
+    assert prompts_per_family_for(384, 2) == 32 and prompts_per_family_for(1000, 2) == 84
+    prompts = geneval_prompts([s.prompt for s in samples], 3)
+    assert [p.family for p in prompts] == [f for f in FAMILIES for _ in range(3)]  # balanced, in family order
+    by_prompt = {id(s.prompt): s.image for s in samples}
+    images = [by_prompt[id(p)] for p in prompts]
+    out = geneval_with_intervals(prompts, images)
+    assert out["overall"] == 1.0 and out["overall_high"] == 1.0 and 0.8 < out["overall_low"] < 1.0 and out["n"] == 18
+    assert {k: v for k, v in out.items() if k in FAMILIES or k == "overall"} == geneval_scores(prompts, images)
+    wrong = geneval_with_intervals(prompts[1:] + prompts[:1], images)
+    assert wrong["overall_low"] < wrong["overall"] < wrong["overall_high"] < out["overall_low"]
+
+
+def test_caption_scores_with_intervals():
+    from callbacks.evaluation import caption_scores_with_intervals
+    from datamodules.shapes.world import ShapesWorld, scene_caption
+
+    world = ShapesWorld(0)
+    scenes = [world.sample("val", i).scene for i in range(16)]
+    own = [scene_caption(s, np.random.default_rng(i)) for i, s in enumerate(scenes)]
+    perfect = caption_scores_with_intervals(own, scenes)
+    assert all(perfect[k] == 1.0 for k in ("precision", "recall", "f1", "f1_low", "f1_high"))
+    # "a circle" is often true and says almost nothing: precision stays high, recall is what catches it.
+    vague = caption_scores_with_intervals(["a circle"] * len(scenes), scenes)
+    assert vague["recall_high"] < 0.5 and vague["recall"] < vague["precision"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from callbacks.fid import fid_score, make_fid, to_uint8_nchw
+from callbacks.fid import ImageDistances, distance_scores, fid_score, make_fid, to_uint8_nchw
 from datamodules.shapes.features import DEFAULT_PATH, TRAIN_COMMAND, evaluate, load_feature_net, render_dataset
 from datamodules.shapes.world import ShapesWorld
 
@@ -84,6 +84,44 @@ def test_make_fid_keeps_real_statistics_across_reset(sets):
     fid.reset()  # a callback resets between evaluations: only fake features are re-accumulated
     fid.update(b, real=False)
     assert torch.allclose(fid.compute(), first)
+
+
+def test_kid_beside_fid_separates_distributions_at_small_n(sets):
+    # KID is unbiased: near 0 for the same distribution at n = 64 (within its spread), far above for a shifted one.
+    a, b, counts = sets["a"], sets["b"][:64], sets["counting_only"][:64]
+    same, shifted = distance_scores(a, b), distance_scores(a, counts)
+    assert set(same) == {"fid", "kid", "kid_std", "fid_n", "fid_real_n"}
+    assert (same["fid_n"], same["fid_real_n"]) == (64, N)
+    assert abs(same["kid"]) < 2 * same["kid_std"] + 1e-6, same
+    assert shifted["kid"] > same["kid"] + 5 * max(same["kid_std"], 1e-6), (same, shifted)
+    assert shifted["fid"] > same["fid"]
+    # FID agrees with fid_score, and equal inputs give equal KIDs (its subsets come from a fixed seed).
+    assert same["fid"] == pytest.approx(fid_score(a, b), rel=1e-5)
+    assert distance_scores(a, b) == same
+
+
+def test_kid_leaves_the_global_rng_alone(sets):
+    metric = ImageDistances(kid_subsets=3)
+    metric.update(to_uint8_nchw(sets["a"][:16]), real=True)
+    metric.update(to_uint8_nchw(sets["b"][:8]), real=False)
+    state = torch.get_rng_state()
+    metric.compute()
+    assert torch.equal(torch.get_rng_state(), state)  # a training run's random stream does not depend on evaluation
+
+
+def test_image_distances_keep_real_set_across_reset_and_fit_subsets_to_n(sets):
+    metric = ImageDistances(kid_subsets=5)
+    metric.update(to_uint8_nchw(sets["a"][:32]), real=True)
+    metric.update(to_uint8_nchw(sets["b"][:8]), real=False)
+    first = metric.compute()
+    assert metric.kid.subset_size == 8 and first["fid_n"] == 8  # KID refuses subsets larger than a set
+    metric.reset()
+    metric.update(to_uint8_nchw(sets["b"][:8]), real=False)
+    assert metric.compute() == first and metric.num_real == 32
+    metric.reset()
+    metric.update(to_uint8_nchw(sets["b"][:1]), real=False)
+    with pytest.raises(ValueError, match=">= 2"):
+        metric.compute()
 
 
 def test_shipped_feature_net_accuracy():

@@ -67,19 +67,22 @@ def test_compute_writes_finite_metrics_grid_and_captions(dm, module, tmp_path):
     out = cb.compute(module, dm, "val", log_dir=tmp_path / "run", step=5, logger=logger, stage="val")
     logger.experiment.flush()
 
-    assert sorted(out) == ["val/fid", "val/ppl_caption", "val/ppl_text"]
+    assert sorted(out) == ["val/fid", "val/fid_n", "val/fid_real_n", "val/kid", "val/kid_std", "val/ppl_caption",
+                           "val/ppl_text"]
     assert all(math.isfinite(v) for v in out.values()), out
     for name in ("val/ppl_text", "val/ppl_caption"):  # an untrained model: near-uniform, not degenerate
         assert 1.0 < out[name] < 10 * dm.vocab_size, out
     assert out["val/fid"] > 0
-    # FID compared fid_images generated images with as many held-out images.
-    assert int(cb._fid.real_features_num_samples) == 4 and int(cb._fid.fake_features_num_samples) == 4
+    # FID and KID compared fid_images generated images with as many held-out images, and say so.
+    assert cb._fid.num_real == 4 and cb._fid.num_fake == 4
+    assert out["val/fid_n"] == 4 and out["val/fid_real_n"] == 4
 
     # The real statistics are computed once: a second evaluation feeds only new fake images.
     fid = cb._fid
     again = cb.compute(module, dm, "val", step=6)
-    assert cb._fid is fid and int(fid.real_features_num_samples) == 4 and int(fid.fake_features_num_samples) == 4
+    assert cb._fid is fid and fid.num_real == 4 and fid.num_fake == 4
     assert again["val/fid"] == pytest.approx(out["val/fid"], rel=1e-4)  # same model, same seeded samples
+    assert again["val/kid"] == pytest.approx(out["val/kid"], rel=1e-4)  # KID's subsets come from a fixed seed
 
     # Grid: the first 3 held-out captions as rows, 2 samples each, after a 256-px label column.
     png = Image.open(tmp_path / "run" / "samples" / "val_step_000005.png")
@@ -129,7 +132,43 @@ def test_evaluates_any_mixed_modal_data_through_the_module(dm, module):
     cb = PreparedEvaluation(prompts=["a star"], grid_images=1, fid_images=2, fid_feature="shapes",
                             num_captions=1, ppl_documents=2, sampling=FAST)
     assert cb.check_datamodule(dm) is None and dm.evaluation_split("test") == "val"
-    assert sorted(cb.compute(module, dm, "val")) == ["val/fid", "val/ppl_caption", "val/ppl_text"]
+    assert sorted(cb.compute(module, dm, "val")) == ["val/fid", "val/fid_n", "val/fid_real_n", "val/kid",
+                                                     "val/kid_std", "val/ppl_caption", "val/ppl_text"]
+
+
+def test_final_evaluation_uses_final_fid_images(dm, module):
+    # Periodic evaluations generate fid_images; the final one final_fid_images (real set as large), and says so.
+    cb = PreparedEvaluation(grid_rows=1, grid_images=1, fid_images=3, final_fid_images=5, fid_feature="shapes",
+                            num_captions=0, ppl_documents=0, sampling=FAST)
+    periodic = cb.compute(module, dm, "val")
+    final = cb.compute(module, dm, "val", final=True)
+    assert (periodic["val/fid_n"], periodic["val/fid_real_n"]) == (3, 3)
+    assert (final["val/fid_n"], final["val/fid_real_n"]) == (5, 5)
+    # More than the held-out split holds: all of it (N_VAL_PAIRS), never an error.
+    cb.final_fid_images = 384
+    assert cb.compute(module, dm, "val", final=True)["val/fid_n"] == N_VAL_PAIRS
+
+
+def test_is_final_evaluation():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from callbacks.common import is_final_evaluation
+
+    def trainer(fn=TrainerFn.FITTING, step=5, max_steps=10, should_stop=False, epoch=0, max_epochs=-1, last=False):
+        loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(is_last_batch=last)))
+        return SimpleNamespace(state=SimpleNamespace(fn=fn), global_step=step, max_steps=max_steps,
+                               should_stop=should_stop, current_epoch=epoch, max_epochs=max_epochs, fit_loop=loop)
+
+    assert not is_final_evaluation(trainer(), "val")  # a periodic validation during fit
+    assert is_final_evaluation(trainer(), "test")
+    assert is_final_evaluation(trainer(fn=TrainerFn.VALIDATING), "val")  # a standalone validate
+    assert is_final_evaluation(trainer(step=10), "val")  # max_steps reached
+    assert is_final_evaluation(trainer(should_stop=True), "val")  # e.g. early stopping
+    assert not is_final_evaluation(trainer(max_steps=-1, epoch=1, max_epochs=3, last=True), "val")
+    assert is_final_evaluation(trainer(max_steps=-1, epoch=2, max_epochs=3, last=True), "val")  # last epoch's end
+    assert not is_final_evaluation(trainer(max_steps=-1, epoch=2, max_epochs=3, last=False), "val")
 
 
 def test_validation_hooks_write_metrics_json_history(dm, module, tmp_path):

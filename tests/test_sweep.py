@@ -210,8 +210,9 @@ def test_markdown_bolds_the_best_mean_in_each_direction(tmp_path):
     sweep_results.write_markdown(runs, ["val/loss", "val/cond_gap"], tmp_path / "r.md")
     rows = {line.split("|")[1].strip(): line for line in (tmp_path / "r.md").read_text().splitlines()
             if line.startswith("| ") and not line.startswith("| variant")}
-    assert "**1.5 ± 0**" in rows["b"] and "**0.6 ± 0.14**" in rows["b"]  # lower loss, higher gap: both b
-    assert "2 ± 1.4" in rows["a"] and "**" not in rows["a"]
+    # mean [95 % interval], Student t with 1 df (12.706): 0.6 ± 12.706 · 0.1414 / √2 = 0.6 ± 1.2706
+    assert "**1.5 [1.5, 1.5]**" in rows["b"] and "**0.6 [-0.6706, 1.871]**" in rows["b"]  # lower loss, higher gap
+    assert "2 [-10.71, 14.71]" in rows["a"] and "**" not in rows["a"]
     assert "0 (failed)" in rows["c"] and "— | —" in rows["c"]  # a failed run's numbers are not counted
     assert "| 20 | 16 |" in rows["a"]  # total compute over the variant's runs
     assert "`c-seed0`: boom" in (tmp_path / "r.md").read_text()

@@ -6,7 +6,9 @@
     sample                            images, captions and mixed text from a checkpoint or an export
     export                            a checkpoint -> safetensors + JSON that load without unpickling
     prepare                           a user's images, captions, documents and texts -> streamable training data
+    floors                            floors and ceilings of the shapes-world scores -> results/floors/
     sweep                             a grid of fit runs (local, SLURM array) -> results.csv / results.md / curves
+    results                           RESULTS.md's tables from results/ (--check: is the committed file current)
 
 Every command's options come from typed signatures (jsonargparse): ``<command> --help`` lists each one with its
 default. A bad setting, found while parsing (unknown key, wrong type, missing file), while instantiating (a
@@ -40,6 +42,14 @@ def main(argv: list[str] | None = None) -> None:
             from datamodules.files.prepare import main as prepare
 
             prepare(rest)
+        elif command == "floors":
+            from lit_transfusion.commands.floors import main as floors
+
+            floors(rest)
+        elif command == "results":
+            from lit_transfusion.commands.results_md import main as results
+
+            results(rest)
         elif command == "sweep":
             from lit_transfusion.commands.sweep.main import main as sweep
 

@@ -21,6 +21,8 @@ A sweep file (YAML, schema.py: SweepFile) says what to run::
     seeds: [0, 1]                       # each run sets seed_everything and model.init_args.seed
     budgets: [2.0e+12, 8.0e+12]         # optional: train each run for a compute budget (6·N·D FLOPs), not max_steps
     compare: {reference: bidirectional, metrics: [val/fid]}   # optional (needs budgets): equal-compute analysis
+    #   claims: [{metric: val/fid, arm: bidirectional, reference: causal, direction: lower}]  # verdicts (no budgets
+    #   needed); floors: {val/caption_acc: 0.16}  (a number, [low, high] or "<file.json>:<dotted.key>")
     metrics: [val/cond_gap, val/fid]    # what results.md and curves.png show (results.csv has every val/ metric)
     parallel: 1                         # local runs at a time; each gets cores // parallel threads
     slurm: {partition: gpu, time: 120, gpus: 1, cpus: 8, mem_gb: 32, setup: ["source .venv/bin/activate"]}
@@ -53,6 +55,7 @@ The files, one job each:
     slurm.py        a submitit job array, or an sbatch script of --only i tasks
     results.py      results.csv / .md, curves.csv / .png, hparams/ from the run directories (--collect)
     equal_flops.py  power-law fits and the FLOP ratio to match (equal_flops.md / .png)
+    claims.py       the paper's claims (compare.claims) judged by stats.verdict from the seeds' intervals
     direction.py    which way a metric improves
     panel.py        what every figure panel ends with
     main.py         the command: its options (a typed signature) and what it does with them

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-HIGHER_IS_BETTER = ("cond_gap", "geneval", "acc")  # words in a metric's name; anything else: lower is better
+# words in a metric's name; anything else (fid, kid, loss, ppl, mse): lower is better
+HIGHER_IS_BETTER = ("cond_gap", "geneval", "acc", "caption_precision", "caption_recall", "caption_f1")
 
 
 def higher_is_better(metric: str) -> bool:
-    """True if the metric's name says cond_gap, geneval or acc; fid, loss, ppl, mse and anything else: lower."""
+    """True if the metric's name holds a word of ``HIGHER_IS_BETTER``; fid, kid, loss, ppl, mse and anything else:
+    lower."""
     return any(word in metric for word in HIGHER_IS_BETTER)
 
 

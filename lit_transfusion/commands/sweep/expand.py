@@ -45,10 +45,7 @@ def expand(sweep: Sweep) -> list[Run]:
     (``causal-patch_size=2-seed0``, ``causal-patch_size=2-budget2e12-seed0``). Refuses a ``compare.reference``
     that is no family of the sweep."""
     families = _families(sweep.grid, sweep.variants)
-    if sweep.compare is not None and sweep.compare["reference"] not in [f for f, _, _ in families]:
-        raise SweepError(f"{sweep.file}: compare.reference: {sweep.compare['reference']!r}: not a family of this "
-                         f"sweep (expected one of {', '.join(f for f, _, _ in families)}: a variant name with its "
-                         f"grid point)")
+    _check_compare(sweep, [f for f, _, _ in families])
     runs: list[Run] = []
     for seed in sweep.seeds:
         for budget in sweep.budgets or [None]:
@@ -60,6 +57,19 @@ def expand(sweep: Sweep) -> list[Run]:
         dup = next(i for i in ids if ids.count(i) > 1)
         raise SweepError(f"{sweep.file}: grid: two runs would share the id {dup!r} (values that print alike)")
     return runs
+
+
+def _check_compare(sweep: Sweep, names: list[str]) -> None:
+    """``compare.reference`` and every claim's arm and reference name a family of the sweep."""
+    if sweep.compare is None:
+        return
+    named = [("compare.reference", sweep.compare["reference"])] if sweep.compare["reference"] is not None else []
+    for i, claim in enumerate(sweep.compare.get("claims", [])):
+        named += [(f"compare.claims[{i}].arm", claim["arm"]), (f"compare.claims[{i}].reference", claim["reference"])]
+    for where, name in named:
+        if name not in names:
+            raise SweepError(f"{sweep.file}: {where}: {name!r}: not a family of this sweep (expected one of "
+                             f"{', '.join(names)}: a variant name with its grid point)")
 
 
 def _families(grid: dict[str, list], variants: list[dict]) -> list[tuple[str, dict[str, Any], dict[str, str]]]:

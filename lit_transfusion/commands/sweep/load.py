@@ -9,12 +9,13 @@ the Transfusion parser later (``validate.py``), a ``compare.reference`` against 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lit_transfusion.commands.sweep.schema import PINNED, SAFE, Sweep, SweepError, SweepFile
+from lit_transfusion.commands.sweep.schema import PINNED, SAFE, Claim, Sweep, SweepError, SweepFile
 from lit_transfusion.commands.sweep.typecheck import build, fits, wrong
 
 # What a wrong value should have been, by where it is (``key[]``: an element of a list, ``key:`` a value of a
@@ -30,8 +31,13 @@ WRONG = {
     "seeds": "a non-empty list of integers, got {value!r}",
     "budgets": "a non-empty list of compute budgets in FLOPs (e.g. [1.0e+12, 4.0e+12]), got {value!r}",
     "budgets[]": "{value!r}: a positive number of FLOPs (e.g. 2.0e+12)",
-    "compare": "a mapping {{reference: <family>, metrics: [...]}}, got {value!r}",
+    "compare": "a mapping {{reference: <family>, metrics: [...], claims: [...], floors: {{...}}}}, got {value!r}",
     "compare.metrics": "a non-empty list of metric names, got {value!r}",
+    "compare.claims": "a list of {{metric: ..., arm: ..., reference: ..., direction: lower|higher}}, got {value!r}",
+    "compare.claims[]": "a mapping {{metric: ..., arm: ..., reference: ..., direction: lower|higher, paper: ...}} "
+                        "(all but paper required, no other keys), got {value!r}",
+    "compare.floors": "a mapping of metric names to floors, got {value!r}",
+    "compare.floors:": "a number, [low, high] or \"<file.json>:<dotted.key>\", got {value!r}",
     "metrics": "a non-empty list of metric names, got {value!r}",
     "parallel": "a positive integer, got {value!r}",
     "slurm": "a mapping",
@@ -85,7 +91,7 @@ def _checked(file: SweepFile, fail, path: Path) -> Sweep:
         raise fail("metrics", WRONG["metrics"].format(value=file.metrics))
     budgets = _budgets(file, grid, variants, fail)
     return Sweep(path, name, base, dict(file.overrides), grid, variants, list(file.seeds), list(file.metrics),
-                 file.parallel, file.slurm, budgets, _compare(file, budgets, fail))
+                 file.parallel, file.slurm, budgets, _compare(file, budgets, fail, path))
 
 
 def _keys(mapping: dict[str, Any], fail, where: str) -> None:
@@ -147,13 +153,55 @@ def _budgets(file: SweepFile, grid: dict, variants: list[dict], fail) -> list[fl
     return numbers
 
 
-def _compare(file: SweepFile, budgets: list[float], fail) -> dict[str, Any] | None:
-    """``compare`` as {reference, metrics} with its metrics filled in (default: the sweep's ``metrics``)."""
+def _compare(file: SweepFile, budgets: list[float], fail, path: Path) -> dict[str, Any] | None:
+    """``compare`` as {reference, metrics, claims, floors}: metrics filled in (default: the sweep's ``metrics``),
+    each claim checked, each floor read as [mean, low, high]. A ``reference`` (the equal-compute analysis) needs
+    ``budgets``; claims alone do not."""
     if file.compare is None:
         return None
-    if not budgets:
+    section = file.compare
+    if section.reference is not None and not budgets:
         raise fail("compare", "needs budgets: (the compute grid each family's power law is fitted on)")
-    metrics = file.metrics if file.compare.metrics is None else file.compare.metrics
+    if section.reference is None and not section.claims:
+        raise fail("compare", "a reference: <family> (with budgets) or claims: [...], or leave compare out")
+    metrics = file.metrics if section.metrics is None else section.metrics
     if not metrics:
         raise fail("compare.metrics", WRONG["compare.metrics"].format(value=metrics))
-    return {"reference": file.compare.reference, "metrics": list(metrics)}
+    claims = [_claim(c, i, fail) for i, c in enumerate(section.claims or [])]
+    floors = {m: _floor(v, fail, f"compare.floors: {m}", path) for m, v in (section.floors or {}).items()}
+    return {"reference": section.reference, "metrics": list(metrics), "claims": claims, "floors": floors}
+
+
+def _claim(claim: dict[str, Any] | Claim, i: int, fail) -> dict[str, Any]:
+    """One claim as a plain mapping, its direction "lower" or "higher" and its arms distinct."""
+    claim = dataclasses.asdict(claim) if isinstance(claim, Claim) else dict(claim)
+    claim.setdefault("paper", None)
+    if claim["direction"] not in ("lower", "higher"):
+        raise fail(f"compare.claims[{i}].direction", f"{claim['direction']!r}: \"lower\" or \"higher\" (how the "
+                                                     "arm's raw value compares with the reference's in the paper)")
+    if claim["arm"] == claim["reference"]:
+        raise fail(f"compare.claims[{i}]", f"arm and reference are both {claim['arm']!r}")
+    return claim
+
+
+def _floor(value: Any, fail, where: str, path: Path) -> list[float]:
+    """A floor as [mean, low, high]: a number (a point), [low, high], or "<file.json>:<dotted.key>" whose value
+    is one of those or {mean, low, high} (the file relative to the working directory)."""
+    if isinstance(value, str):
+        name, _, key = value.partition(":")
+        if not Path(name).is_file() or not key:
+            raise fail(where, f"{value!r}: expected \"<file.json>:<dotted.key>\" naming an existing file")
+        found: Any = json.loads(Path(name).read_text())
+        for part in key.split("."):
+            if not isinstance(found, dict) or part not in found:
+                raise fail(where, f"{value!r}: {name} has no {key!r}")
+            found = found[part]
+        if isinstance(found, dict) and {"mean", "low", "high"} <= found.keys():
+            return [float(found["mean"]), float(found["low"]), float(found["high"])]
+        value = found
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [float(value)] * 3
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value) \
+            and value[0] <= value[1]:
+        return [(value[0] + value[1]) / 2, float(value[0]), float(value[1])]
+    raise fail(where, f"{value!r}: a number, [low, high] (low <= high) or {{mean, low, high}}")

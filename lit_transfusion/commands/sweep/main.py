@@ -33,7 +33,9 @@ def sweep(config: str | None = None, out: str = "runs/sweeps", parallel: Positiv
         parallel: local runs at a time (default: the file's parallel, else 1)
         dry_run: check the file, list the runs with their indices and exit
         only: run only this run index, or these ([1,2]); --dry_run lists them
-        collect: a sweep directory (<out>/<name>): rebuild its results.csv/.md, curves and equal_flops.md/.png
+        collect: a sweep directory (<out>/<name>): rebuild its results.csv/.md, curves and equal_flops.md/.png;
+            one with only a results.csv (results/<name>): its results.md and equal_flops.md/.png; with --config,
+            the file's metrics, compare (claims, floors) and seeds are used
         slurm: submit the unfinished runs as a SLURM job array with submitit
         sbatch: write <out>/<name>/sweep.sbatch (task i runs --only i) and print how to submit it
         partition: SLURM partition (default: the file's slurm.partition)
@@ -43,9 +45,11 @@ def sweep(config: str | None = None, out: str = "runs/sweeps", parallel: Positiv
         mem_gb: memory per run in GB (SLURM)
     """
     if collect:
-        if not (Path(collect) / "runs").is_dir():
-            raise SweepError(f"{collect}: not a sweep directory (no runs/ in it)")
-        collect_results(collect, verbose=True)
+        if not (Path(collect) / "runs").is_dir() and not (Path(collect) / "results.csv").is_file():
+            raise SweepError(f"{collect}: not a sweep directory (no runs/ or results.csv in it)")
+        loaded = load_sweep(config) if config else None  # its metrics, compare (claims, floors) and seeds
+        collect_results(collect, verbose=True, metrics=loaded.metrics if loaded else None,
+                        compare=loaded.compare if loaded else None, seeds=loaded.seeds if loaded else None)
         return
     if not config:
         raise SweepError("--config <sweep file> (or --collect DIR) is required")
@@ -82,7 +86,7 @@ def sweep(config: str | None = None, out: str = "runs/sweeps", parallel: Positiv
         return
     run_local(loaded, runs, out, parallel)
     if indices is None:  # one run of an array does not own the sweep's tables
-        collect_results(directory, verbose=True, compare=loaded.compare)
+        collect_results(directory, verbose=True, compare=loaded.compare, seeds=loaded.seeds)
 
 
 class _KeepLayout(DefaultHelpFormatter):

@@ -10,8 +10,9 @@ are the trainer's global step (optimizer steps done; TensorBoard's step + 1). In
                   positions seen, params, params_active, flops_6nd, flops_measured, wall seconds, error, then
                   final/<metric> and best/<metric> for every val/ metric found
     curves.csv    one row per run, validation step and metric: step, flops, value (for notebooks)
-    results.md    per variant: mean ± std over the finished seeds of the sweep's chosen metrics' final values,
-                  the best mean in bold, the seeds and the total compute
+    results.md    per variant: mean [95 % interval] (Student's t) over the finished seeds of the sweep's chosen
+                  metrics' final values, the best mean in bold, the seeds and the total compute; then each of
+                  ``compare.claims`` with both intervals and its verdict (``claims.py``, ``stats.verdict``)
     curves.png    each chosen metric against step and against FLOPs: per variant the mean over seeds, with a
                   band from the lowest to the highest seed
     hparams/      one TensorBoard run per finished run with its settings + seed as hparams and its final metrics,
@@ -39,9 +40,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from lit_transfusion.commands.sweep.claims import claims_markdown, format_interval, judge_all, seed_interval
 from lit_transfusion.commands.sweep.direction import arrow, higher_is_better
 from lit_transfusion.commands.sweep.equal_flops import equal_flops, write_equal_flops_figure, write_equal_flops_markdown
 from lit_transfusion.commands.sweep.panel import finish_panel
+from lit_transfusion.stats import RULE, t_quantile
 
 RUN_COLUMNS = ("run_id", "variant", "family")
 STAT_COLUMNS = ("seed", "budget", "status", "steps", "positions_seen", "params", "params_active", "flops_6nd",
@@ -137,31 +140,63 @@ def read_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def collect(sweep_dir: str | Path, metrics: list[str] | None = None, verbose: bool = False,
-            compare: dict | None = None) -> list[dict]:
+            compare: dict | None = None, seeds: list[int] | None = None) -> list[dict]:
     """Write results.csv, curves.csv, results.md, curves.png and hparams/ from the run directories, and with
-    ``compare`` ({reference, metrics}; default: the one the runs' run.json recorded) equal_flops.md/.png."""
+    ``compare`` ({reference, metrics, claims, floors}; default: the one the runs' run.json recorded)
+    equal_flops.md/.png. A directory without runs/ but with a results.csv (what results/ keeps of a sweep) gets
+    results.md (and equal_flops.md/.png) again from that file alone. ``seeds``: the seeds the sweep file asks for
+    (results.md notes when the runs have fewer)."""
     sweep_dir = Path(sweep_dir)
-    runs = read_runs(sweep_dir)
+    from_csv = not (sweep_dir / "runs").is_dir() and (sweep_dir / "results.csv").is_file()
+    runs = read_csv_runs(sweep_dir / "results.csv") if from_csv else read_runs(sweep_dir)
     if not runs:
         raise FileNotFoundError(f"{sweep_dir}: no run directories (runs/*/run.json)")
     metrics = metrics or next((r["metrics"] for r in runs if r["metrics"]), ["val/loss"])
     compare = compare or next((r["compare"] for r in runs if r["compare"]), None)
-    write_csv(runs, sweep_dir / "results.csv")
-    write_curves_csv(runs, sweep_dir / "curves.csv")
-    write_markdown(runs, metrics, sweep_dir / "results.md", title=sweep_dir.name)
-    write_curves(runs, metrics, sweep_dir / "curves.png")
-    write_hparams(runs, sweep_dir / "hparams")
-    if compare:
-        analysis = equal_flops(runs, compare["reference"], compare["metrics"])
-        write_equal_flops_markdown(analysis, sweep_dir / "equal_flops.md", title=sweep_dir.name)
+    written = ["results.md"]
+    if not from_csv:
+        write_csv(runs, sweep_dir / "results.csv")
+        write_curves_csv(runs, sweep_dir / "curves.csv")
+        write_curves(runs, metrics, sweep_dir / "curves.png")
+        write_hparams(runs, sweep_dir / "hparams")
+        written = ["results.csv", "results.md", "curves.png", "curves.csv"]
+    write_markdown(runs, metrics, sweep_dir / "results.md", title=sweep_dir.name, compare=compare, seeds=seeds)
+    if compare and compare.get("reference"):
+        analysis = equal_flops(runs, compare["reference"], compare["metrics"], compare.get("floors"))
+        write_equal_flops_markdown(analysis, sweep_dir / "equal_flops.md", title=sweep_dir.name,
+                                   claims=judge_all(runs, compare))
         write_equal_flops_figure(analysis, sweep_dir / "equal_flops.png")
+        written += ["equal_flops.md", "equal_flops.png"]
     if verbose:
-        print((sweep_dir / "results.md").read_text())
-        if compare:
-            print((sweep_dir / "equal_flops.md").read_text())
-        print(f"wrote {sweep_dir}/results.csv, results.md, curves.png, curves.csv"
-              + (", equal_flops.md, equal_flops.png" if compare else "")
-              + f"; HPARAMS: tensorboard --logdir {sweep_dir}")
+        for name in written:
+            if name.endswith(".md"):
+                print((sweep_dir / name).read_text())
+        print(f"wrote {sweep_dir}/" + ", ".join(written) + ("" if from_csv else f"; HPARAMS: tensorboard --logdir "
+                                                                                 f"{sweep_dir}"))
+    return runs
+
+
+def _number(text: str) -> float | None:
+    return float(text) if text not in ("", "None") else None
+
+
+def read_csv_runs(path: str | Path) -> list[dict[str, Any]]:
+    """The runs of a results.csv, as :func:`read_run` gives them, less what only the run directory has (histories,
+    settings, the sweep's metrics and compare): enough for results.md and the equal-compute analysis."""
+    runs = []
+    with open(path, newline="") as f:
+        for i, row in enumerate(csv.DictReader(f)):
+            finals = {k[len("final/"):]: _number(v) for k, v in row.items() if k.startswith("final/")}
+            runs.append({
+                "run_id": row["run_id"], "variant": row["variant"], "family": row.get("family") or row["variant"],
+                "budget": _number(row.get("budget", "")), "seed": int(row["seed"]), "status": row["status"],
+                "steps": int(row["steps"]) if row.get("steps") else 0,
+                "flops_6nd": _number(row.get("flops_6nd", "")),
+                "flops_measured": _number(row.get("flops_measured", "")),
+                "wall_seconds": _number(row.get("wall_seconds", "")), "error": row.get("error", ""),
+                "final": {k: v for k, v in finals.items() if v is not None}, "best": {}, "history": {},
+                "settings": {}, "metrics": [], "compare": None, "index": i,
+            })
     return runs
 
 
@@ -211,9 +246,25 @@ def summarize(values: list[float]) -> tuple[float, float] | None:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def write_markdown(runs: list[dict], metrics: list[str], path: Path, title: str = "sweep") -> None:
+def _seed_note(counts: set[int], seeds: list[int] | None) -> str:
+    """What the intervals rest on: the seeds per variant, the t quantile, and a sweep file that now asks for more."""
+    note = ""
+    if counts and min(counts) >= 2:
+        least = min(counts)
+        note = (f" With {least} seeds the interval is mean ± t·s/√{least}, t = {t_quantile(least - 1):.4g} "
+                f"({least - 1} degree{'s' if least > 2 else ''} of freedom).")
+    if seeds is not None and counts and max(counts) < len(seeds):
+        note += (f" The sweep file now asks for seeds {seeds}; these runs have {max(counts)} per variant, so the "
+                 "intervals are wider than a rerun's.")
+    return note
+
+
+def write_markdown(runs: list[dict], metrics: list[str], path: Path, title: str = "sweep",
+                   compare: dict | None = None, seeds: list[int] | None = None) -> None:
+    """results.md: per variant each metric's mean [95 % interval] over the finished seeds, then the claims'
+    verdicts (``compare.claims``)."""
     groups = variants(runs)
-    stats = {v: {m: summarize([r["final"].get(m) for r in rs if r["status"] == "finished"]) for m in metrics}
+    stats = {v: {m: seed_interval([r["final"].get(m) for r in rs if r["status"] == "finished"]) for m in metrics}
              for v, rs in groups.items()}
     best = {}
     for m in metrics:
@@ -221,11 +272,13 @@ def write_markdown(runs: list[dict], metrics: list[str], path: Path, title: str 
         best[m] = (max if higher_is_better(m) else min)(means) if means else None
     finished = sum(r["status"] == "finished" for r in runs)
     failed = [r for r in runs if r["status"] == "failed"]
+    counts = {sum(r["status"] == "finished" for r in rs) for rs in groups.values()} - {0}
     lines = [f"# Sweep {title}", "",
              f"{len(runs)} runs: {finished} finished, {len(failed)} failed, {len(runs) - finished - len(failed)} "
-             "other. Final validation values, mean ± std over the finished seeds; best mean in **bold** "
-             "(↓ lower is better, ↑ higher). Compute: total over the variant's runs, 6·N·D (N: the parameters a "
-             "position uses, all of them in a dense model) and measured (FlopCounterMode).", ""]
+             "other. Final validation values, mean [95 % interval] over the finished seeds (Student's t); best "
+             "mean in **bold** (↓ lower is better, ↑ higher)." + _seed_note(counts, seeds) + " Compute: total over "
+             "the variant's runs, 6·N·D (N: the parameters a position uses, all of them in a dense model) and "
+             "measured (FlopCounterMode).", ""]
     lines.append("| variant | " + " | ".join(f"{m} {arrow(m)}" for m in metrics)
                  + " | seeds | steps | compute 6·N·D | compute measured |")
     lines.append("|" + "---|" * (len(metrics) + 5))
@@ -234,13 +287,16 @@ def write_markdown(runs: list[dict], metrics: list[str], path: Path, title: str 
         done = [r for r in rs if r["status"] == "finished"]
         for m in metrics:
             s = stats[v][m]
-            n = sum(r["final"].get(m) is not None for r in done)
-            text = "—" if s is None else f"{s[0]:.4g}" + (f" ± {s[1]:.2g}" if n > 1 else "")
+            text = format_interval(s).replace(" (one seed: no interval)", "")
             cells.append(f"**{text}**" if s is not None and s[0] == best[m] else text)
-        seeds = ", ".join(str(r["seed"]) + ("" if r["status"] == "finished" else f" ({r['status']})") for r in rs)
+        seeds_text = ", ".join(str(r["seed"]) + ("" if r["status"] == "finished" else f" ({r['status']})")
+                               for r in rs)
         steps = "/".join(sorted({str(r["steps"]) for r in done})) or "—"
         compute = [_total([r[k] for r in rs]) for k in ("flops_6nd", "flops_measured")]
-        lines.append(f"| {v} | " + " | ".join(cells) + f" | {seeds} | {steps} | {compute[0]} | {compute[1]} |")
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {seeds_text} | {steps} | {compute[0]} | {compute[1]} |")
+    claims = judge_all(runs, compare)
+    if claims:
+        lines += ["", "## The paper's claims", "", RULE, ""] + claims_markdown(claims)
     if failed:
         lines += ["", "Failed runs (last line of stderr; all of it in the run's stderr.log):", ""]
         lines += [f"- `{r['run_id']}`: {r['error'].splitlines()[-1] if r['error'] else '(no output)'}" for r in failed]

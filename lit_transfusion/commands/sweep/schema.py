@@ -22,13 +22,36 @@ class SweepError(Exception):
 
 
 @dataclasses.dataclass
+class Claim:
+    """One of ``compare.claims``: the paper's finding that ``arm`` beats ``reference`` on ``metric``, in the raw
+    value's ``direction``; the report prints its verdict (``lit_transfusion.stats.verdict``) from the two intervals."""
+
+    metric: str
+    """the metric the claim is about, e.g. val/fid"""
+    arm: str
+    """the family the paper found better (a variant name with its grid point)"""
+    reference: str
+    """the family it is compared with"""
+    direction: str
+    """"lower" (the arm's raw value is lower, e.g. FID) or "higher" (e.g. caption accuracy)"""
+    paper: str | None = None
+    """what the paper measured, in words (printed beside the verdict)"""
+
+
+@dataclasses.dataclass
 class CompareSection:
-    """``compare:``: the equal-compute analysis (needs ``budgets``), written to equal_flops.md / .png."""
+    """``compare:``: the equal-compute analysis (``reference``; needs ``budgets``), written to equal_flops.md / .png,
+    and the paper's ``claims``, whose verdicts results.md (and equal_flops.md) print."""
 
     reference: str | None = None
     """the family the others are matched against: a variant name with its grid point (a run id less budget and seed)"""
     metrics: list[str] | None = None
     """the metrics to fit and match (default: the sweep's ``metrics``)"""
+    claims: list[Claim] | None = None
+    """the paper's directions: [{metric: val/fid, arm: transfusion, reference: chameleon, direction: lower}, ...]"""
+    floors: dict[str, float | list[float] | str] | None = None
+    """per metric its floor (chance level or control): a number, [low, high], or "<file.json>:<dotted.key>" naming
+    one of those (or {mean, low, high}) in a JSON file such as results/floors/floors.json"""
 
 
 @dataclasses.dataclass
@@ -99,4 +122,6 @@ class Sweep:
     parallel: int = 1
     slurm: SlurmSection = dataclasses.field(default_factory=SlurmSection)
     budgets: list[float] = dataclasses.field(default_factory=list)
-    compare: dict[str, Any] | None = None  # {"reference": family, "metrics": [...]}, metrics filled in
+    compare: dict[str, Any] | None = None
+    """{"reference": family | None, "metrics": [...], "claims": [{metric, arm, reference, direction, paper}],
+    "floors": {metric: [mean, low, high]}}: metrics filled in, floors read"""

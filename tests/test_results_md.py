@@ -1,0 +1,38 @@
+"""RESULTS.md is generated (``python -m lit_transfusion results``): the committed file equals the regenerated one,
+and a number typed into it by hand makes the check fail."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from lit_transfusion.commands.results_md import render, results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def regenerated() -> str:
+    return render(ROOT / "results" / "RESULTS.template.md", ROOT / "results", ROOT / "configs" / "sweeps")
+
+
+def test_committed_results_md_equals_the_regenerated_one():
+    assert (ROOT / "RESULTS.md").read_text() == regenerated(), "regenerate: python -m lit_transfusion results"
+
+
+def test_a_hand_typed_number_fails_the_check(tmp_path, monkeypatch):
+    copy = tmp_path / "RESULTS.md"
+    shutil.copy(ROOT / "RESULTS.md", copy)
+    monkeypatch.chdir(ROOT)  # the sweep files name their base configs relative to the repository
+    assert results(out=str(copy), check=True) == 0
+    text = copy.read_text()
+    assert "| bidirectional | 2 | " in text
+    copy.write_text(text.replace("| bidirectional | 2 | ", "| bidirectional | 2 | 0.0300 ± 0.001 ", 1))
+    assert results(out=str(copy), check=True) == 1
+
+
+def test_every_claim_prints_a_verdict_and_the_rule_is_written_once():
+    text = regenerated()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and (" < " in line or " > " in line)]
+    verdicts = [line.rsplit("|", 2)[-2].strip() for line in rows if line.endswith("** |")]
+    assert verdicts and set(verdicts) <= {"**holds**", "**reversed**", "**not resolved**"}
+    assert text.count("Verdict rule:") == 1
