@@ -15,6 +15,13 @@ sample grid:
                              captions state that are true, i.e. a precision -- blind to what a caption leaves out (a
                              caption saying only "a circle" scores 1.0); judge captions by caption_f1
     {stage}/samples          rows: one fixed prompt per task family
+    {stage}/fid_floor_real, kid_floor_real, fid_floor_random, kid_floor_random
+                             the floors beside FID and KID (``floors``: results/floors/floors.json, measured at the
+                             same n and real set): disjoint held-out renders (real vs real: as close as a sample
+                             gets) and random latents (codes, for a code model) decoded; skipped at an n the file lacks
+    {stage}/geneval/overall_floor, caption_f1_floor
+                             chance levels: renders of other prompts scored against each prompt, and the caption
+                             "a circle" for every image (their values do not depend on n)
 
 The final evaluation (see ``callbacks.core``) draws ``final_fid_images`` GenEval images (``ceil(n / (families x
 images_per_prompt))`` prompts per family) instead of ``prompts_per_family``; ``{stage}/fid_n`` says how many were used.
@@ -26,12 +33,15 @@ over 6 x 8 x 2 = 96 GenEval images plus the 24-image grid, 32 captions and 2 x 6
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
+from lightning.pytorch.utilities import rank_zero_warn
 
 from callbacks.core import EvaluationCore
 from callbacks.fid import make_fid
@@ -70,6 +80,8 @@ class ShapesEvaluation(EvaluationCore):
         ppl_documents: held-out documents of each kind for ``ppl_text`` / ``ppl_caption``.
         sampling: how images and captions are sampled (``SamplingConfig``; default DDIM-25). Its seed fixes the
             prompts and their noise, so evaluations differ only by the model.
+        floors: the floors file of ``python -m lit_transfusion floors`` whose values are logged beside the scores
+            (``{stage}/fid_floor_real`` ...; relative to the working directory; None or a missing file: none).
     """
 
     METRICS = ("ppl_", "fid", "kid", "geneval/", "caption_")
@@ -88,6 +100,7 @@ class ShapesEvaluation(EvaluationCore):
         num_captions: PositiveInt = 32,
         ppl_documents: PositiveInt = 64,
         sampling: SamplingConfig | None = None,
+        floors: str | None = "results/floors/floors.json",
     ):
         if fid_feature == "inception" and inception_weights is None:
             make_fid("inception")  # raises the clear "needs a local weights file" message at parse time
@@ -96,6 +109,9 @@ class ShapesEvaluation(EvaluationCore):
                          inception_weights=inception_weights, num_captions=num_captions, ppl_documents=ppl_documents,
                          grid_images=grid_images, sampling=sampling)
         self.prompts_per_family, self.images_per_prompt = prompts_per_family, images_per_prompt
+        self.floors_path = floors
+        self._floors: dict | None = None  # read on first use
+        self._warned_floors: set[str] = set()
         self._prompts: list[Prompt] = []  # the GenEval prompts of the last fid_prompts call, one per image
 
     def check_datamodule(self, dm) -> None:
@@ -125,6 +141,54 @@ class ShapesEvaluation(EvaluationCore):
 
     def grid_prompts(self, dm: ShapesDataModule, split: str) -> list[str]:
         return [caption(p, np.random.default_rng(1)) for p in GRID_PROMPTS]
+
+    def compute(self, pl_module, dm, split: str, log_dir=None, step: int = 0, logger=None, stage: str = "val",
+                final: bool = False) -> dict[str, float]:
+        out = super().compute(pl_module, dm, split, log_dir=log_dir, step=step, logger=logger, stage=stage,
+                              final=final)
+        codes = pl_module.representation.codec_type.__name__ == "CodeCodec"
+        return {**out, **self._floor_scalars(out, stage, codes)}
+
+    def _floor_scalars(self, out: dict[str, float], stage: str, codes: bool) -> dict[str, float]:
+        """The floors (see the module docstring) that apply to the scores in ``out``."""
+        floors = self._read_floors()
+        if floors is None:
+            return {}
+        found: dict[str, float] = {}
+        largest = str(max(int(n) for n in floors["images"]))  # n-independent scores: the most precise estimate
+        found[f"{stage}/geneval/overall_floor"] = floors["images"][largest]["prompt_ignoring"]["geneval"]["overall"]
+        found[f"{stage}/caption_f1_floor"] = floors["captions"][largest]["vague_caption"]["f1"]
+        n, real_n = out.get(f"{stage}/fid_n"), out.get(f"{stage}/fid_real_n")
+        table = floors["images"].get(str(int(n))) if n is not None else None
+        same_set = (table is not None and table["real_heldout"].get("fid_real_n") == real_n
+                    and floors["settings"].get("feature") == self.fid_feature)
+        if n is not None and not same_set:
+            self._warn_once(f"no FID/KID floors at n = {int(n)} with {real_n and int(real_n)} real images and the "
+                            f"{self.fid_feature!r} feature in {self.floors_path}: python -m lit_transfusion floors "
+                            f"--n [{int(n)}] writes them")
+            return found
+        if table is not None:
+            random = "random_codes" if codes else "random_latents"
+            for metric in ("fid", "kid"):
+                found[f"{stage}/{metric}_floor_real"] = table["real_heldout"][metric]
+                found[f"{stage}/{metric}_floor_random"] = table[random][metric]
+        return found
+
+    def _read_floors(self) -> dict | None:
+        if self._floors is None and self.floors_path:
+            path = Path(self.floors_path)
+            if not path.is_file():
+                self._warn_once(f"floors={self.floors_path!r}: no such file, so no floors are logged beside the "
+                                "scores (python -m lit_transfusion floors writes it)")
+                self.floors_path = None
+                return None
+            self._floors = json.loads(path.read_text())
+        return self._floors
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned_floors:
+            self._warned_floors.add(message)
+            rank_zero_warn(message)
 
 
 def prompts_per_family_for(n: int, images_per_prompt: int, families: int = len(FAMILIES)) -> int:

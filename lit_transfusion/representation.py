@@ -11,7 +11,8 @@ A representation owns everything that depends on what an image is, and nothing e
   ``timestep_sampling``);
 - ``clean_inputs(batch)``: the images as fed clean (t = 0), for perplexities and evaluation;
 - ``text_targets(targets)``: the targets a *text* perplexity counts;
-- ``cond_gap(net, pairs, batch_idx)``: one batch of ``val/cond_gap`` sums [levels, 3];
+- ``cond_gap(net, pairs, batch_idx)``: one batch of ``val/cond_gap`` terms [pairs, levels, 2] (the image loss
+  under the true and under the shuffled caption, per pair and level);
 - ``sampler(model, special)``: generation (diffusion loop, or code decoding);
 - ``codec_type``: the frozen pixel codec class (``LatentCodec`` / ``CodeCodec``): ``module.codec`` refuses a codec
   of another class (data prepared for the other representation).
@@ -67,7 +68,8 @@ class ImageRepresentation(nn.Module):
         return targets
 
     def cond_gap(self, net, pairs: CaptionPairs, batch_idx: int) -> Tensor:
-        """[levels, 3]: per level, summed image loss with the true captions, with the shuffled ones, image count."""
+        """[n, levels, 2]: per caption pair and level, the image loss with the true caption and with the shuffled
+        one (kept per pair so that ``val/cond_gap`` gets a bootstrap interval over pairs)."""
         raise NotImplementedError
 
     def sampler(self, model: TransfusionModel, special: SpecialIds, use_cache: bool = True) -> TransfusionSampler:
@@ -151,15 +153,15 @@ class LatentDiffusion(ImageRepresentation):
         """Per timestep of ``cond_gap_timesteps``: the image MSE with the true and the shuffled captions, at the
         same t and the same noise."""
         true, shuffled = pairs.true, pairs.shuffled
-        rows = []
+        levels = []
         for i, step in enumerate(self.cond_gap_timesteps):
             t = torch.full((true.num_images,), step, dtype=torch.long, device=net.device)
             g_true = torch.Generator(device=net.device).manual_seed(1000 * batch_idx + i)
             g_shuf = torch.Generator(device=net.device).manual_seed(1000 * batch_idx + i)  # same noise
             mse_true = self.losses(net, true, t=t, generator=g_true)["mse_per_image"]
             mse_shuf = self.losses(net, shuffled, t=t, generator=g_shuf)["mse_per_image"]
-            rows.append(torch.stack([mse_true.sum(), mse_shuf.sum(), mse_true.new_tensor(len(mse_true))]))
-        return torch.stack(rows)
+            levels.append(torch.stack([mse_true, mse_shuf], dim=-1))  # [n, 2]
+        return torch.stack(levels, dim=1)  # [n, levels, 2]
 
     def sampler(self, model: TransfusionModel, special: SpecialIds, use_cache: bool = True) -> TransfusionSampler:
         return TransfusionSampler(model, self.diffusion, special, use_cache=use_cache)
@@ -233,7 +235,7 @@ class DiscreteCodes(ImageRepresentation):
         """One level: the codes' mean NLL under the true and under the shuffled captions."""
         nll_true = self.code_nll_per_document(net, pairs.true)
         nll_shuffled = self.code_nll_per_document(net, pairs.shuffled)
-        return torch.stack([nll_true.sum(), nll_shuffled.sum(), nll_true.new_tensor(len(nll_true))])[None]
+        return torch.stack([nll_true, nll_shuffled], dim=-1)[:, None]  # [n, 1, 2]
 
     def sampler(self, model: TransfusionModel, special: SpecialIds, use_cache: bool = True) -> ChameleonSampler:
         return ChameleonSampler(model, special, use_cache=use_cache)

@@ -1,9 +1,9 @@
 """MixedModalModule: the modality-agnostic training module around one ``TransfusionModel``.
 
 It owns what every image representation shares: the AdamW optimizer and warmup-cosine schedule, logging,
-``val/cond_gap`` bookkeeping (the sums come from the representation), non-finite-loss handling, the per-step
-random generator and ``train/positions_seen`` (the D of 6·N·D). What depends on what an image *is* -- the loss, the
-sampler, the codec's type, what the data must provide -- is its ``representation``
+``val/cond_gap`` and its interval (per-pair terms from the representation, ``cond_gap.py``), non-finite-loss
+handling, the per-step random generator and ``train/positions_seen`` (the D of 6·N·D). What depends on what an
+image *is* -- the loss, the sampler, the codec's type, what the data must provide -- is its ``representation``
 (``lit_transfusion.representation``: ``LatentDiffusion`` or ``DiscreteCodes``). The shipped modules are thin
 subclasses that build the network config and the representation from typed CLI arguments:
 ``TransfusionModule`` (``module.py``) and ``ChameleonModule`` (``chameleon.py``).
@@ -33,6 +33,7 @@ from torch import Tensor
 
 from lit_transfusion.attention import hybrid_mask
 from lit_transfusion.batch import Batch, CaptionPairs, Seq, SpecialIds
+from lit_transfusion.cond_gap import cond_gap, cond_gap_interval
 from lit_transfusion.generation import TransfusionSampler
 from lit_transfusion.model import ModelConfig, ModelOutput, TransfusionModel
 from lit_transfusion.representation import ImageRepresentation
@@ -106,7 +107,7 @@ class MixedModalModule(L.LightningModule):
         self._codec = None  # kept out of the module tree (never in a checkpoint): see `codec`
         self._codec_loader: Callable[[], torch.nn.Module] | None = None
         self._schedule: WarmupCosine | None = None  # set by configure_optimizers (fit only)
-        self._cond_gap_sums: Tensor | None = None
+        self._cond_gap_terms: list[Tensor] = []  # per validation: [n, levels, 2] per caption-pair batch
         self._step_start = 0.0
         self._nonfinite_skipped = 0
         self._positions_seen = 0  # sequence elements trained on (text tokens, <boi>/<eoi>, patches; no pads), all ranks
@@ -258,8 +259,8 @@ class MixedModalModule(L.LightningModule):
 
     # -------------------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
-        # Per level (noise level, or one): [sum loss true captions, sum loss shuffled captions, image count].
-        self._cond_gap_sums = torch.zeros(self.representation.cond_gap_levels, 3, device=self.device)
+        # Per caption pair and level (noise level, or one): [loss with the true caption, with the shuffled one].
+        self._cond_gap_terms = []
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._evaluate(batch, batch_idx, dataloader_idx, "val")
@@ -281,18 +282,34 @@ class MixedModalModule(L.LightningModule):
             return
         if not isinstance(batch, CaptionPairs):
             raise TypeError(f"{stage} batches must be Batch or CaptionPairs, got {type(batch).__name__}")
-        self._cond_gap_sums += self.representation.cond_gap(self, batch, batch_idx)
+        self._cond_gap_terms.append(self.representation.cond_gap(self, batch, batch_idx).detach().float())
+
+    def _gathered_cond_gap_terms(self) -> Tensor:
+        """Every rank's cond-gap terms [n_total, levels, 2] (ranks may hold different numbers of pairs: each pads
+        to the largest count with NaN rows before the all-gather, and the NaN rows are dropped after it)."""
+        levels = self.representation.cond_gap_levels
+        local = (torch.cat(self._cond_gap_terms) if self._cond_gap_terms
+                 else torch.zeros(0, levels, 2, device=self.device))
+        if self.trainer.world_size == 1:
+            return local
+        counts = self.all_gather(torch.tensor(len(local), device=self.device))  # [world]
+        padded = local.new_full((int(counts.max()), levels, 2), float("nan"))
+        padded[:len(local)] = local
+        gathered = self.all_gather(padded).reshape(-1, levels, 2)  # [world * max, levels, 2]
+        return gathered[~gathered.isnan().any(dim=(1, 2))]
 
     def _log_cond_gap(self, stage: str) -> None:
-        sums = self.trainer.strategy.reduce(self._cond_gap_sums, reduce_op="sum")
-        if sums[:, 2].min() == 0:
+        terms = self._gathered_cond_gap_terms()
+        if len(terms) == 0:
             return  # no caption->image pairs evaluated (no second dataloader)
-        loss_true, loss_shuf = sums[:, 0] / sums[:, 2], sums[:, 1] / sums[:, 2]
-        gap = ((loss_shuf - loss_true) / loss_shuf).mean()
-        # Already summed over ranks above, so every rank holds the same value; sync_dist only averages equals.
+        # Every rank holds every pair, so every rank computes the same values; sync_dist only averages equals.
+        low, high = cond_gap_interval(terms.cpu())
+        loss_true, loss_shuf = terms[..., 0].mean(0).mean(), terms[..., 1].mean(0).mean()
         true_name, shuffled_name = self.representation.cond_gap_terms
-        for name, value in [("cond_gap", gap), (true_name, loss_true.mean()), (shuffled_name, loss_shuf.mean())]:
-            self.log(f"{stage}/{name}", value, sync_dist=True)
+        for name, value in [("cond_gap", cond_gap(terms.cpu())), ("cond_gap_low", low), ("cond_gap_high", high),
+                            ("cond_gap_n", float(len(terms))), (true_name, loss_true), (shuffled_name, loss_shuf)]:
+            self.log(f"{stage}/{name}", torch.as_tensor(value, dtype=torch.float32, device=self.device),
+                     sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
         self._log_cond_gap("test")

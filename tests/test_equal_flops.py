@@ -444,14 +444,17 @@ def budget_label(budget: float) -> str:
 def test_claims_and_floors_load_without_budgets_and_get_verdicts(tmp_path):
     """Claims need no budgets; a floor is a number, [low, high] or a JSON entry; the verdict follows stats.verdict,
     and an arm whose interval touches the floor leaves the claim not resolved."""
-    (tmp_path / "floors.json").write_text(json.dumps({"loss": {"n96": {"mean": 5.0, "low": 4.0, "high": 6.0}}}))
+    (tmp_path / "floors.json").write_text(json.dumps({"loss": {"n96": {"mean": 5.0, "low": 4.0, "high": 6.0}},
+                                                      "g": {"overall": 0.2, "overall_low": 0.1, "overall_high": 0.3}}))
     claim = {"metric": "val/loss", "arm": "unet", "reference": "linear", "direction": "lower", "paper": "p"}
     path = write_sweep(tmp_path / "s.yaml", name="s", base="configs/shapes/tiny.yaml", variants=VARIANTS,
                        compare={"claims": [claim], "floors": {"val/loss": f"{tmp_path / 'floors.json'}:loss.n96",
+                                                                "val/g": f"{tmp_path / 'floors.json'}:g.overall",
                                                                 "val/x": 0.5, "val/y": [0.1, 0.3]}})
     sweep = load_sweep(path)
     assert sweep.compare["claims"] == [claim] and sweep.compare["reference"] is None
-    assert sweep.compare["floors"] == {"val/loss": [5.0, 4.0, 6.0], "val/x": [0.5] * 3, "val/y": [0.2, 0.1, 0.3]}
+    assert sweep.compare["floors"] == {"val/loss": [5.0, 4.0, 6.0], "val/g": [0.2, 0.1, 0.3], "val/x": [0.5] * 3,
+                                       "val/y": [0.2, 0.1, 0.3]}
     runs = [{"family": f, "variant": f, "status": "finished", "budget": None, "final": {"val/loss": v}}
             for f, vs in (("unet", (1.0, 1.1, 1.2)), ("linear", (2.0, 2.1, 2.2))) for v in vs]
     assert [c.verdict for c in judge_all(runs, sweep.compare)] == ["holds"]

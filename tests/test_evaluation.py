@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from callbacks.perplexity import perplexity
 from lit_transfusion.batch import IGNORE, pack_rows
 from lit_transfusion.module import TransfusionModule
-from tests.conftest import SPECIAL, random_documents, run_cli, small_run_args
+from tests.conftest import ROOT, SPECIAL, random_documents, run_cli, small_run_args
 
 FAMILY_TAGS = [f"val/geneval/{f}" for f in
                ("single_object", "two_object", "counting", "colors", "position", "color_attr", "overall")]
@@ -77,6 +77,31 @@ def test_callback_writes_tensorboard_png_and_json(trained_run):
     # The last validation of fit (max_steps) is the final one: all 32 held-out prompts (num_val=32, fewer than
     # final_fid_images asks for) x 2 images; FID/KID say which n they used.
     assert latest["val/fid_n"] == latest["val/geneval/n"] == 64 and latest["val/fid_real_n"] == 32
+    # cond_gap with its bootstrap interval over every caption pair (cond_gap_pairs=16 in small_run_args).
+    assert latest["val/cond_gap_low"] <= latest["val/cond_gap"] <= latest["val/cond_gap_high"]
+    assert latest["val/cond_gap_n"] == 16
+    # Chance levels beside the scores; no FID/KID floors at this small n (the floors file has 96, 384, 1000).
+    floors = json.loads((ROOT / "results" / "floors" / "floors.json").read_text())
+    assert latest["val/geneval/overall_floor"] == pytest.approx(
+        floors["images"]["1000"]["prompt_ignoring"]["geneval"]["overall"], rel=1e-6)  # logged as float32
+    assert latest["val/caption_f1_floor"] == pytest.approx(floors["captions"]["1000"]["vague_caption"]["f1"], rel=1e-6)
+    assert "val/fid_floor_real" not in latest
+
+
+def test_fid_and_kid_floors_at_the_evaluated_n():
+    from callbacks.evaluation import ShapesEvaluation
+
+    floors = json.loads((ROOT / "results" / "floors" / "floors.json").read_text())
+    callback = ShapesEvaluation(floors=str(ROOT / "results" / "floors" / "floors.json"))
+    got = callback._floor_scalars({"val/fid_n": 384.0, "val/fid_real_n": 512.0}, "val", codes=False)
+    assert got["val/fid_floor_real"] == floors["images"]["384"]["real_heldout"]["fid"]
+    assert got["val/kid_floor_random"] == floors["images"]["384"]["random_latents"]["kid"]
+    codes = callback._floor_scalars({"val/fid_n": 96.0, "val/fid_real_n": 512.0}, "val", codes=True)
+    assert codes["val/fid_floor_random"] == floors["images"]["96"]["random_codes"]["fid"]
+    # Another real set size: FID/KID floors would mislead, so only the n-independent ones are given.
+    other = callback._floor_scalars({"val/fid_n": 384.0, "val/fid_real_n": 64.0}, "val", codes=False)
+    assert "val/fid_floor_real" not in other and "val/geneval/overall_floor" in other
+    assert ShapesEvaluation(floors="nowhere.json")._floor_scalars({}, "val", codes=False) == {}
 
 
 def test_test_subcommand_writes_metrics(trained_run, tmp_path):
@@ -86,7 +111,7 @@ def test_test_subcommand_writes_metrics(trained_run, tmp_path):
     out = json.loads((tmp_path / "runs" / "shapes-tiny" / "version_0" / "metrics_test.json").read_text())["latest"]
     for tag in ["test/ppl_text", "test/ppl_caption", "test/fid", "test/kid", "test/fid_n", "test/caption_acc",
                 "test/caption_f1", "test/geneval/overall", "test/geneval/overall_low", "test/loss_text",
-                "test/cond_gap"]:
+                "test/cond_gap", "test/cond_gap_low", "test/cond_gap_high"]:
         assert tag in out, sorted(out)
 
 

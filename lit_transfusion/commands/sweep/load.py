@@ -186,18 +186,24 @@ def _claim(claim: dict[str, Any] | Claim, i: int, fail) -> dict[str, Any]:
 
 def _floor(value: Any, fail, where: str, path: Path) -> list[float]:
     """A floor as [mean, low, high]: a number (a point), [low, high], or "<file.json>:<dotted.key>" whose value
-    is one of those or {mean, low, high} (the file relative to the working directory)."""
+    is one of those or {mean, low, high}, or a number with ``<last key>_low`` and ``<last key>_high`` beside it
+    (as results/floors/floors.json stores intervals: ``...geneval.overall`` reads overall, overall_low,
+    overall_high); the file relative to the working directory."""
     if isinstance(value, str):
         name, _, key = value.partition(":")
         if not Path(name).is_file() or not key:
             raise fail(where, f"{value!r}: expected \"<file.json>:<dotted.key>\" naming an existing file")
         found: Any = json.loads(Path(name).read_text())
+        parent: Any = None
         for part in key.split("."):
             if not isinstance(found, dict) or part not in found:
                 raise fail(where, f"{value!r}: {name} has no {key!r}")
-            found = found[part]
+            parent, found = found, found[part]
         if isinstance(found, dict) and {"mean", "low", "high"} <= found.keys():
             return [float(found["mean"]), float(found["low"]), float(found["high"])]
+        last = key.split(".")[-1]
+        if isinstance(found, (int, float)) and {f"{last}_low", f"{last}_high"} <= parent.keys():
+            return [float(found), float(parent[f"{last}_low"]), float(parent[f"{last}_high"])]
         value = found
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return [float(value)] * 3

@@ -261,8 +261,8 @@ def _seed_note(counts: set[int], seeds: list[int] | None) -> str:
 
 def write_markdown(runs: list[dict], metrics: list[str], path: Path, title: str = "sweep",
                    compare: dict | None = None, seeds: list[int] | None = None) -> None:
-    """results.md: per variant each metric's mean [95 % interval] over the finished seeds, then the claims'
-    verdicts (``compare.claims``)."""
+    """results.md: per variant each metric's mean [95 % interval] over the finished seeds, a *floor* row with the
+    chance level of each metric that has one (``compare.floors``), then the claims' verdicts (``compare.claims``)."""
     groups = variants(runs)
     stats = {v: {m: seed_interval([r["final"].get(m) for r in rs if r["status"] == "finished"]) for m in metrics}
              for v, rs in groups.items()}
@@ -294,6 +294,10 @@ def write_markdown(runs: list[dict], metrics: list[str], path: Path, title: str 
         steps = "/".join(sorted({str(r["steps"]) for r in done})) or "—"
         compute = [_total([r[k] for r in rs]) for k in ("flops_6nd", "flops_measured")]
         lines.append(f"| {v} | " + " | ".join(cells) + f" | {seeds_text} | {steps} | {compute[0]} | {compute[1]} |")
+    floors = (compare or {}).get("floors") or {}
+    if any(m in floors for m in metrics):  # the chance level beside every score that has one (compare.floors)
+        cells = [format_interval(tuple(floors[m]), point=True) if m in floors else "" for m in metrics]
+        lines.append("| *floor* | " + " | ".join(cells) + " | | | | |")
     claims = judge_all(runs, compare)
     if claims:
         lines += ["", "## The paper's claims", "", RULE, ""] + claims_markdown(claims)
