@@ -3,6 +3,7 @@ and a number typed into it by hand makes the check fail."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -36,3 +37,13 @@ def test_every_claim_prints_a_verdict_and_the_rule_is_written_once():
     verdicts = [line.rsplit("|", 2)[-2].strip() for line in rows if line.endswith("** |")]
     assert verdicts and set(verdicts) <= {"**holds**", "**reversed**", "**not resolved**"}
     assert text.count("Verdict rule:") == 1
+
+
+def test_the_template_types_no_measured_number():
+    """RESULTS.md's prose (the template) quotes only the paper: a decimal or a percentage outside the paragraphs
+    that begin "Paper" would be a measurement typed by hand instead of a table written from results/ (the 95 %
+    of the intervals is a setting)."""
+    paragraphs = (ROOT / "results" / "RESULTS.template.md").read_text().split("\n\n")
+    typed = [p for p in paragraphs if not p.startswith(("Paper", "#", "{{"))
+             and re.search(r"(?<![\w.])~?\d+\.\d+(?![\w.])|\d+ ?%|~\d", p.replace("95 %", "the confidence"))]
+    assert not typed, f"typed numbers in the template's prose: {typed}"

@@ -8,7 +8,11 @@ The template is RESULTS.md's prose with placeholders on lines of their own, each
 
     {{rule}}                   the verdict rule (``lit_transfusion.stats.RULE``)
     {{floors}}                 the tables of results/floors/floors.md (``python -m lit_transfusion floors``)
-    {{variants:<name>}}        per variant: seeds, then mean [95 % interval] over seeds of the shared metrics
+    {{tables:<path>}}          the tables (and the lines between them) of a generated Markdown file under results/,
+                               e.g. ``{{tables:main_job/runs.md}}``
+    {{setup:<name>}}           per variant: runs, parameters, steps, positions seen, 6·N·D, measured FLOPs, wall time
+    {{variants:<name>}}        per variant: seeds, then mean [95 % interval] over seeds of the shared metrics, and
+                               a *floor* row from the sweep file's ``compare.floors``
     {{claims:<name>}}          the sweep's claims: both intervals, the floor, the verdict
     {{families:<name>}}        per family and budget (a sweep with budgets): the metrics' intervals
     {{ratios:<name>}}          the FLOP ratio to match the reference, per metric and family
@@ -26,10 +30,11 @@ from lit_transfusion.commands.sweep.load import load_sweep
 from lit_transfusion.commands.sweep.results import read_csv_runs, variants
 from lit_transfusion.stats import RULE
 
-PLACEHOLDER = re.compile(r"^\{\{(rule|floors|variants|claims|families|ratios)(?::([A-Za-z0-9._=+,-]+))?\}\}$")
+PLACEHOLDER = re.compile(
+    r"^\{\{(rule|floors|tables|setup|variants|claims|families|ratios)(?::([A-Za-z0-9._=+,/-]+))?\}\}$")
 # The columns of the variant and family tables: metric -> heading.
-COLUMNS = {"val/cond_gap": "cond_gap ↑", "val/geneval/overall": "GenEval ↑", "val/fid": "FID ↓",
-           "val/caption_acc": "caption acc ↑", "val/ppl_text": "text ppl ↓"}
+COLUMNS = {"val/cond_gap": "cond_gap ↑", "val/geneval/overall": "GenEval ↑", "val/fid": "FID ↓", "val/kid": "KID ↓",
+           "val/caption_f1": "caption F1 ↑", "val/caption_acc": "caption acc ↑", "val/ppl_text": "text ppl ↓"}
 
 
 class Sources:
@@ -55,20 +60,51 @@ def _cell(values: list) -> str:
     return format_interval(seed_interval(values), digits=3)
 
 
-def variants_table(runs: list[dict]) -> list[str]:
-    """Per variant: its finished seeds, each metric's mean [95 % interval], 6·N·D per run."""
-    lines = ["| variant | seeds | " + " | ".join(COLUMNS.values()) + " | 6·N·D per run |",
-             "|" + "---|" * (len(COLUMNS) + 3)]
+def floor_row(floors: dict | None, lead: int) -> list[str]:
+    """A *floor* row under a table of COLUMNS (after ``lead`` leading cells), if any column has a floor."""
+    floors = floors or {}
+    if not any(m in floors for m in COLUMNS):
+        return []
+    cells = [format_interval(tuple(floors[m]), digits=3, point=True) if m in floors else "" for m in COLUMNS]
+    return ["| *floor* |" + " |" * (lead - 1) + " " + " | ".join(cells) + " |"]
+
+
+def variants_table(runs: list[dict], floors: dict | None = None) -> list[str]:
+    """Per variant: its finished seeds, each metric's mean [95 % interval]; then the floors of the metrics."""
+    lines = ["| variant | seeds | " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * (len(COLUMNS) + 2)]
     for variant, rs in variants(runs).items():
         done = [r for r in rs if r["status"] == "finished"]
         cells = [_cell([r["final"].get(m) for r in done]) for m in COLUMNS]
-        compute = _cell([r["flops_6nd"] for r in done])
-        lines.append(f"| {variant} | {len(done)} | " + " | ".join(cells) + f" | {compute} |")
+        lines.append(f"| {variant} | {len(done)} | " + " | ".join(cells) + " |")
+    return lines + floor_row(floors, 2)
+
+
+def _range(values: list, fmt: str) -> str:
+    known = sorted(float(v) for v in values if v is not None)
+    if not known:
+        return "—"
+    low, high = format(known[0], fmt), format(known[-1], fmt)
+    return low if low == high else f"{low}–{high}"
+
+
+def setup_table(runs: list[dict]) -> list[str]:
+    """Per variant (finished runs): how many, parameters, steps, positions seen, 6·N·D and measured FLOPs per run,
+    wall-clock seconds per run (ranges where runs differ)."""
+    lines = ["| variant | runs | parameters | steps | positions seen | 6·N·D per run | measured FLOPs per run "
+             "| wall seconds per run |", "|" + "---|" * 8]
+    for variant, rs in variants(runs).items():
+        done = [r for r in rs if r["status"] == "finished"]
+        lines.append(f"| {variant} | {len(done)} | {_range([r.get('params') for r in done], ',.0f')} "
+                     f"| {_range([r['steps'] for r in done], '.0f')} "
+                     f"| {_range([r.get('positions_seen') for r in done], ',.0f')} "
+                     f"| {_range([r['flops_6nd'] for r in done], '.3g')} "
+                     f"| {_range([r['flops_measured'] for r in done], '.3g')} "
+                     f"| {_range([r['wall_seconds'] for r in done], '.0f')} |")
     return lines
 
 
-def families_table(runs: list[dict]) -> list[str]:
-    """Per family and budget (finished runs): seeds and each metric's mean [95 % interval]."""
+def families_table(runs: list[dict], floors: dict | None = None) -> list[str]:
+    """Per family and budget (finished runs): seeds and each metric's mean [95 % interval]; then the floors."""
     lines = ["| family | budget | seeds | " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * (len(COLUMNS) + 3)]
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in runs:
@@ -77,7 +113,7 @@ def families_table(runs: list[dict]) -> list[str]:
     for (family, budget), rs in groups.items():
         cells = [_cell([r["final"].get(m) for r in rs]) for m in COLUMNS]
         lines.append(f"| {family} | {budget:.3g} | {len(rs)} | " + " | ".join(cells) + " |")
-    return lines
+    return lines + floor_row(floors, 3)
 
 
 def ratios_table(runs: list[dict], compare: dict) -> list[str]:
@@ -107,12 +143,19 @@ def expand_line(line: str, sources: Sources) -> list[str]:
         return [f"#{line}" if line.startswith("## ") else line for line in lines]
     if name is None:
         raise ValueError(f"{line.strip()}: needs a sweep name ({{{{{kind}:<name>}}}})")
+    if kind == "tables":  # from the first table to the last line of the file
+        lines = (sources.results / name).read_text().splitlines()
+        first = next((i for i, line in enumerate(lines) if line.startswith("|")), len(lines))
+        return lines[first:]
     runs = sources.runs(name)
-    if kind == "variants":
-        return variants_table(runs)
-    if kind == "families":
-        return families_table(runs)
+    if kind == "setup":
+        return setup_table(runs)
     compare = sources.compare(name)
+    floors = (compare or {}).get("floors")
+    if kind == "variants":
+        return variants_table(runs, floors)
+    if kind == "families":
+        return families_table(runs, floors)
     if kind == "claims":
         return claims_markdown(judge_all(runs, compare)) or ["(no claims in the sweep file)"]
     return ratios_table(runs, compare)
