@@ -4,7 +4,8 @@ Documents (one per sample, several packed per row):
 - caption -> image   ``<bos> caption <boi> image <eoi> <eos>``                     (the rest of image docs)
 - image -> caption   ``<bos> <boi> image <eoi> caption <eos>``, t capped at ``noise_limit`` (paper: 20 %, 500)
 - null caption       ``<bos> <boi> image <eoi> <eos>``, no LM loss on the empty caption (CFG; paper-ish 10 %)
-- text only          ``<bos> scene description <eos>`` (fraction ``text_ratio`` of documents)
+- text only          ``<bos> scene description <eos>`` (fraction ``text_ratio`` of documents, or the fraction that
+                     makes text a share ``text_share`` of the training positions)
 
 Images are rendered once, encoded once with the frozen VAE, and the latents cached on disk; captions are
 re-phrased per draw (several templates per task family). With ``image_tokens: codes`` (the Chameleon-style
@@ -25,6 +26,7 @@ import lightning as L
 import numpy as np
 import torch
 from jsonargparse.typing import ClosedUnitInterval, PositiveInt
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.shapes.world import (
@@ -62,6 +64,10 @@ from lit_transfusion.vq import CodeCodec, vq_code_shape, vq_codebook_size
 
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 _CACHE_VERSION = 3  # bump when the cache layout changes
+_TEXT_RATIO_DEFAULT = 0.25
+_SHARE_DOCUMENTS = 2048  # documents of each kind drawn to measure mean lengths (``text_share``)
+_SHARE_POSITIONS = 1 << 18  # positions of simulated packed rows per packing correction (``text_share``)
+_SHARE_CORRECTIONS = 2  # packing corrections of the text_ratio solved from mean lengths
 
 
 class ShapesDataModule(PackingFromHparams, L.LightningDataModule):
@@ -79,7 +85,20 @@ class ShapesDataModule(PackingFromHparams, L.LightningDataModule):
         seq_len: positions per packed row.
         batch_size: rows per batch.
         patch_size: latent patch side (linked from the model's patch_size).
-        text_ratio: fraction of documents that are text only.
+        text_ratio: fraction of documents that are text only (ignored where ``text_share`` is set).
+        text_share: target fraction of the training positions that are text, or None (use ``text_ratio``). Positions
+            are the non-pad sequence elements (``train/positions_seen``, the D of 6·N·D): image positions are the
+            patches (latents) or codes (``image_tokens: codes``) of the images; every other one is text: text-only
+            documents, captions, ``<bos>``/``<eos>`` and the ``<boi>``/``<eoi>`` markers. Set, it replaces
+            ``text_ratio``: ``setup`` measures the mean lengths of this datamodule's own training documents (text
+            positions of a text-only document, text and image positions of an image document after caption dropout
+            and the image-first layout), solves the linear equation for the fraction of text-only documents that
+            gives this share, and corrects it for packing (a document that does not fit the rest of a row is
+            redrawn, which favours short documents) with the lengths realized in simulated rows. The same share
+            thus gives each image representation the same text:image ratio of positions (codes need more text-only
+            documents than latent patches). Setting a ``text_ratio`` other than its default as well is an error. The
+            result: ``text_ratio_effective`` and ``expected_text_share`` (printed once). A share below that of
+            image documents alone (no text-only documents) is unreachable: a ValueError says the reachable range.
         image_first_ratio: fraction of image documents laid out image -> caption.
         caption_dropout: fraction of caption -> image documents whose caption is dropped (CFG).
         noise_limit: max diffusion timestep for image-first documents.
@@ -112,7 +131,8 @@ class ShapesDataModule(PackingFromHparams, L.LightningDataModule):
         seq_len: PositiveInt = 128,
         batch_size: PositiveInt = 16,
         patch_size: PositiveInt = 2,
-        text_ratio: ClosedUnitInterval = 0.25,
+        text_ratio: ClosedUnitInterval = _TEXT_RATIO_DEFAULT,
+        text_share: ClosedUnitInterval | None = None,
         image_first_ratio: ClosedUnitInterval = 0.2,
         caption_dropout: ClosedUnitInterval = 0.1,
         noise_limit: PositiveInt = 500,
@@ -136,6 +156,17 @@ class ShapesDataModule(PackingFromHparams, L.LightningDataModule):
             raise ValueError(f"data.{e}") from None
         if image_tokens not in ("latents", "codes"):
             raise ValueError(f"data.image_tokens={image_tokens!r}: expected 'latents' or 'codes'")
+        if text_share is not None:
+            if not 0 < text_share <= 1:
+                raise ValueError(f"data.text_share={text_share!r}: expected a fraction of the training positions in "
+                                 "(0, 1], or null to use text_ratio")
+            if text_ratio != _TEXT_RATIO_DEFAULT:
+                raise ValueError(f"data.text_share={text_share} and data.text_ratio={text_ratio}: text_share sets the "
+                                 "fraction of text-only documents itself; set one of them (text_share: null to use "
+                                 "text_ratio)")
+        # The fraction of text-only documents rows are drawn with: text_ratio, or (text_share) solved in setup.
+        self.text_ratio_effective: float | None = None if text_share is not None else float(text_ratio)
+        self._expected_text_share: float | None = None
         self.codebook_size = 0
         if image_tokens == "codes":
             try:
@@ -265,6 +296,94 @@ class ShapesDataModule(PackingFromHparams, L.LightningDataModule):
             cached = torch.load(path, weights_only=False)  # our own cache file: latents + Prompt dataclasses
             self.latents[split], self.samples[split] = cached["latents"], cached["prompts"]
             self.scenes[split] = cached["scenes"]
+        if self.text_ratio_effective is None:
+            self._solve_text_share()
+
+    # ------------------------------------------------------------------------------------ text share
+    @property
+    def expected_text_share(self) -> float:
+        """The fraction of training positions that are text at ``text_ratio_effective``, measured on simulated
+        packed training rows (after ``setup``)."""
+        if self._expected_text_share is None:
+            if self.text_ratio_effective is None or "train" not in self.samples:
+                raise RuntimeError("expected_text_share is measured on the training documents: call setup() first")
+            self._expected_text_share = self._packed_positions(self.text_ratio_effective)[3]
+        return self._expected_text_share
+
+    def position_counts(self, doc: Document) -> tuple[int, int]:
+        """(text, image) positions of a document once packed. Image positions are an image's patches (or codes);
+        the rest are text, ``<boi>``/``<eoi>`` included, so text + image is what ``train/positions_seen`` counts."""
+        first_code = self.special_ids.get("first_code")
+        text = image = 0
+        for seg in doc:
+            if isinstance(seg, Image):
+                text, image = text + 2, image + self.patches_per_image
+            else:
+                codes = 0 if first_code is None else sum(i >= first_code for i in seg.ids)
+                text, image = text + len(seg.ids) - codes, image + codes
+        return text, image
+
+    def _mean_lengths(self) -> tuple[float, float, float]:
+        """Mean text positions of a text-only training document, and mean text and image positions of an image
+        document (its drawn layout: caption first, image first or dropped caption), on their own random stream."""
+        rng = np.random.default_rng([self.hparams.seed, _SPLIT_CODE["train"], 3])
+        n = len(self.samples["train"])
+        text = [self.position_counts(self.text_document("train", int(rng.integers(1 << 30))))[0]
+                for _ in range(_SHARE_DOCUMENTS)]
+        image = np.array([self.position_counts(self.image_document("train", int(rng.integers(n)), rng))
+                          for _ in range(_SHARE_DOCUMENTS)])
+        return float(np.mean(text)), float(image[:, 0].mean()), float(image[:, 1].mean())
+
+    def _packed_positions(self, text_ratio: float) -> tuple[float, float, float, float]:
+        """Simulated training rows (their own random stream) at ``text_ratio``: (text positions of text-only
+        documents, text positions of image documents, image positions, text share)."""
+        hp = self.hparams
+        counts = np.zeros(3)
+        for k in range(max(1, _SHARE_POSITIONS // hp.seq_len)):
+            for doc in self.random_row("train", np.random.default_rng([hp.seed, _SPLIT_CODE["train"], 4, k]),
+                                       text_ratio=text_ratio):
+                text, image = self.position_counts(doc)
+                counts += (text, 0, 0) if len(doc) == 1 else (0, text, image)
+        return (*counts.tolist(), float(counts[:2].sum() / counts.sum()))
+
+    def _solve_text_share(self) -> None:
+        """``text_ratio_effective`` for ``text_share``: solved from the mean document lengths, then corrected for
+        packing with the lengths realized per drawn document in simulated rows (``_SHARE_CORRECTIONS`` times)."""
+        share = self.hparams.text_share
+        text_len, caption_len, image_len = self._mean_lengths()
+
+        def unreachable(low: float, packed: bool = False) -> ValueError:
+            what = "codes" if self.codes else "latent patches"
+            return ValueError(
+                f"data.text_share={share} cannot be reached: the reachable range is [{low:.3f}, 1]. An image document "
+                f"holds {image_len:.1f} image positions ({what}, image_tokens={self.hparams.image_tokens!r}) and "
+                f"{caption_len:.1f} text positions (caption, <bos>/<eos>, <boi>/<eoi>) on average, so even with no "
+                f"text-only documents (text_ratio=0) text is {low:.3f} of the training positions"
+                + (" once packed (a document that does not fit a row is redrawn, which favours short ones)"
+                   if packed else ""))
+
+        try:
+            ratio = text_ratio_for_share(share, text_len, caption_len, image_len)
+        except ValueError:
+            raise unreachable(caption_len / (caption_len + image_len)) from None
+        for _ in range(_SHARE_CORRECTIONS):
+            if ratio in (0.0, 1.0):  # one kind of document only: packing cannot change the share
+                break
+            text_docs, text_images, images, _ = self._packed_positions(ratio)
+            if not (text_docs and images):  # too few draws of one kind to measure its length: keep the ratio
+                break
+            # Realized positions per drawn document of each kind (the number of draws cancels out).
+            lengths = (text_docs / ratio, text_images / (1 - ratio), images / (1 - ratio))
+            try:
+                ratio = text_ratio_for_share(share, *lengths)
+            except ValueError:
+                low = lengths[1] / (lengths[1] + lengths[2])
+                raise unreachable(low, packed=True) from None
+        self.text_ratio_effective = ratio
+        rank_zero_info(f"data.text_share={share}: text_ratio={ratio:.4f} (image_tokens={self.hparams.image_tokens!r}; "
+                       f"mean positions: text-only document {text_len:.1f}, image document {caption_len:.1f} text + "
+                       f"{image_len:.1f} image); expected text share of the training positions "
+                       f"{self.expected_text_share:.4f}")
 
     # ---------------------------------------------------------------------------------------- documents
     def caption_ids(self, split: str, index: int, rng: np.random.Generator, full: bool = False) -> list[int]:
@@ -295,12 +414,15 @@ class ShapesDataModule(PackingFromHparams, L.LightningDataModule):
         ids = self.tokenizer.encode(self.world.text(split, index))[: self.hparams.seq_len - 2]
         return [Text([sp.bos] + ids + [sp.eos])]
 
-    def random_row(self, split: str, rng: np.random.Generator) -> list[Document]:
-        """Documents drawn at random until the row is full (three misses in a row end it)."""
+    def random_row(self, split: str, rng: np.random.Generator, text_ratio: float | None = None) -> list[Document]:
+        """Documents drawn at random until the row is full (three misses in a row end it); a fraction ``text_ratio``
+        (default: ``text_ratio_effective``) of the draws are text-only documents."""
         hp = self.hparams
+        if text_ratio is None:
+            text_ratio = self.text_ratio_effective
         docs, used, misses = [], 0, 0
         while misses < 3:
-            if rng.random() < hp.text_ratio:
+            if rng.random() < text_ratio:
                 doc = self.text_document(split, int(rng.integers(1 << 30)))
             else:
                 doc = self.image_document(split, int(rng.integers(len(self.samples[split]))), rng)
@@ -387,6 +509,18 @@ class ShapesDataModule(PackingFromHparams, L.LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders("test")
+
+
+def text_ratio_for_share(share: float, text_len: float, caption_len: float, image_len: float) -> float:
+    """The fraction r of text-only documents that makes text a fraction ``share`` of the positions, where a text-only
+    document holds ``text_len`` (text) positions and an image document ``caption_len`` text and ``image_len`` image
+    positions on average: the root of ``share·(r·T + (1 - r)·(C + P)) = r·T + (1 - r)·C``. Raises ValueError when
+    ``share`` is below ``C / (C + P)`` (image documents alone hold more text than that)."""
+    excess = share * (caption_len + image_len) - caption_len  # text wanted beyond the captions, per image document
+    if excess < 0:
+        raise ValueError(f"share {share} is below {caption_len / (caption_len + image_len):.4f}, the text share of "
+                         "image documents alone")
+    return float(excess / (excess + (1 - share) * text_len))
 
 
 def with_scene_colors(prompt: Prompt, scene: Scene) -> Prompt:
