@@ -31,7 +31,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINKED = [*DOCS, ROOT / "RESULTS.md"]
 PARSE_ONLY = {"fit", "validate", "test"}
 AUTOENCODERS = {"vae", "vq"}
-HELP_ONLY = {"sample", "export", "prepare", "sweep"}
+HELP_ONLY = {"sample", "export", "prepare", "sweep", "reference"}
 
 
 # ------------------------------------------------------------------------------------------- extraction
@@ -364,14 +364,13 @@ def test_example_new_representation(tmp_path):
     after = module.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
-    # val/cond_gap sums of caption pairs: [1 level, 3], finite, counting every image.
+    # val/cond_gap terms of caption pairs: [4 pairs, 1 level, 2], finite.
     pairs = pack_pairs([(caption_image_document([5 + k], Image(latents[k]), special),
                          caption_image_document([5 + (k + 1) % 4], Image(latents[k]), special)) for k in range(4)],
                        2, special)
     with torch.no_grad():
-        sums = module.representation.cond_gap(module, pairs, 0)
-    assert sums.shape == (module.representation.cond_gap_levels, 3) and torch.isfinite(sums).all()
-    assert sums[0, 2] == 4
+        terms = module.representation.cond_gap(module, pairs, 0)
+    assert terms.shape == (4, module.representation.cond_gap_levels, 2) and torch.isfinite(terms).all()
 
     # One image through the module's sampler, decoded to pixels by the module's codec.
     cfg = SamplingConfig(steps=3, scheduler="ddim", guidance_scale=2.0, seed=0)

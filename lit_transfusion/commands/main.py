@@ -9,6 +9,7 @@
     floors                            floors and ceilings of the shapes-world scores -> results/floors/
     sweep                             a grid of fit runs (local, SLURM array) -> results.csv / results.md / curves
     results                           RESULTS.md's tables from results/ (--check: is the committed file current)
+    reference add | band | overlay    the main job's band over seeds (results/reference/) and a run read against it
 
 Every command's options come from typed signatures (jsonargparse): ``<command> --help`` lists each one with its
 default. A bad setting, found while parsing (unknown key, wrong type, missing file), while instantiating (a
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> None:
             from lit_transfusion.commands.results_md import main as results
 
             results(rest)
+        elif command == "reference":
+            from lit_transfusion.commands.reference.main import main as reference
+
+            reference(rest)
         elif command == "sweep":
             from lit_transfusion.commands.sweep.main import main as sweep
 
