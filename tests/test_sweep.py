@@ -31,7 +31,7 @@ from lit_transfusion.commands.sweep.validate import validate
 from tests.conftest import ROOT, run_cli
 
 TINY = ROOT / "configs" / "sweeps" / "tiny_test.yaml"
-SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
+SWEEPS = sorted((ROOT / "configs" / "sweeps").rglob("*.yaml"))  # gpu/ included
 
 
 def write_sweep(path: Path, **sections) -> Path:
@@ -141,7 +141,7 @@ def test_a_variant_key_the_parser_rejects_is_named_with_its_variant(tmp_path):
         validate(sweep, expand(sweep), tmp_path)
 
 
-@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: str(p.relative_to(ROOT / "configs" / "sweeps")))
 def test_every_shipped_sweep_file_is_valid(path, tmp_path):
     sweep = load_sweep(path.relative_to(ROOT))
     runs = expand(sweep)
