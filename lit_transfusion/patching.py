@@ -100,12 +100,20 @@ class UNetPatcher(nn.Module):
     and concatenates the matching down features (U-Net skips) before each ResBlock. All ResBlocks are
     conditioned on the timestep embedding.
 
+    With ``skip_gate`` each skip is multiplied by a learned scalar that starts at 0 (one per up block): at the
+    start the up path can only use what comes through the transformer, which sees the caption, and a skip opens
+    as far as it lowers the loss. Without it the full-resolution skips already make a small local denoiser, the
+    loss falls without the transformer's patch outputs, and little gradient reaches the transformer through
+    ``from_model`` (``benchmarks/unet_diagnosis.py`` measures this): the caption is starved.
+
     Args:
         channels, height, width, patch_size, dim: as :class:`LinearPatcher` (p must be a power of two).
         base_channels: width of the conv blocks (doubled once per downsampling, capped at 4×).
+        skip_gate: scale each skip by a learned scalar initialised to 0 (see above).
     """
 
-    def __init__(self, channels: int, height: int, width: int, patch_size: int, dim: int, base_channels: int = 64):
+    def __init__(self, channels: int, height: int, width: int, patch_size: int, dim: int, base_channels: int = 64,
+                 skip_gate: bool = False):
         super().__init__()
         if patch_size & (patch_size - 1):
             raise ValueError(f"patch_size={patch_size}: the unet patcher needs a power of two")
@@ -135,6 +143,13 @@ class UNetPatcher(nn.Module):
         self.up.append(res(2 * widths[0], widths[0]))
         self.norm_out = nn.GroupNorm(groups, widths[0])
         self.conv_out = nn.Conv2d(widths[0], channels, 3, padding=1)
+        # One gate per up ResBlock (= per skip), or None: plain U-Net skips.
+        self.skip_gates = nn.Parameter(torch.zeros(levels + 1)) if skip_gate else None
+
+    def reset_parameters(self) -> None:
+        """This module's own parameter (the children reset themselves): the skip gates start closed."""
+        if self.skip_gates is not None:
+            nn.init.zeros_(self.skip_gates)
 
     def output_layers(self) -> list[nn.Module]:
         """The layers that produce the predicted noise (zero-initialised by the model)."""
@@ -165,9 +180,14 @@ class UNetPatcher(nn.Module):
         N = hidden.shape[0]
         x = self.from_model(hidden).transpose(1, 2).reshape(N, -1, self.h // self.p, self.w // self.p)
         skips = list(skips)
+        gate = 0
         for layer in self.up:
             if isinstance(layer, ResnetBlock2D):
-                x = layer(torch.cat([x, skips.pop()], dim=1), temb)
+                skip = skips.pop()
+                if self.skip_gates is not None:
+                    skip = skip * self.skip_gates[gate].to(skip.dtype)
+                    gate += 1
+                x = layer(torch.cat([x, skip], dim=1), temb)
             else:
                 x = layer(x)
         return self.conv_out(torch.nn.functional.silu(self.norm_out(x)))

@@ -210,3 +210,30 @@ def test_dense_backbone_parameter_names_are_unchanged():
                  "ffn.w2.weight"]
     blocks = [f"transformer.blocks.{i}.{name}" for i in range(2) for name in per_block]
     assert keys == [*blocks, "transformer.norm.weight"]
+
+
+def test_unet_skip_gates_start_closed_and_learn():
+    """With ``unet_skip_gate`` the prediction at init ignores the skips (it equals the decode of zero skips), the
+    gates get a gradient, and a build on the meta device initialises them to zero as a direct build does."""
+    from lit_transfusion.patching import UNetPatcher
+
+    torch.manual_seed(0)
+    patcher = UNetPatcher(4, 8, 8, 2, 32, base_channels=32, skip_gate=True)
+    torch.nn.init.normal_(patcher.conv_out.weight, std=0.1)  # the model zero-initialises it; any output will do
+    latents, t = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 900])
+    tokens, skips = patcher.encode(latents, t)
+    hidden = torch.randn_like(tokens)
+    out = patcher.decode(hidden, skips, t)
+    torch.testing.assert_close(out, patcher.decode(hidden, [torch.zeros_like(s) for s in skips], t))
+    out.pow(2).mean().backward()
+    assert patcher.skip_gates.grad.abs().min() > 0  # every gate can open
+    with torch.no_grad():
+        patcher.skip_gates.fill_(1.0)
+    assert not torch.allclose(patcher.decode(hidden, skips, t), out)  # open gates pass the skips
+    cfg = ModelConfig.from_size("nano", vocab_size=50, latent_shape=(4, 4, 4), patcher="unet", unet_skip_gate=True)
+    with torch.device("meta"):
+        model = TransfusionModel(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    assert torch.equal(model.patcher.skip_gates, torch.zeros(2))
+    assert TransfusionModel(cfg).patcher.skip_gates.abs().sum() == 0
