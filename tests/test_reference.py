@@ -213,3 +213,23 @@ def test_train_losses_are_averaged_over_complete_windows_only():
 
     assert binned({25: 1.0, 250: 3.0, 275: 5.0, 500: 7.0}, 250) == {250: 2.0, 500: 6.0}
     assert binned({25: 1.0, 250: 3.0, 275: 5.0}, 250) == {250: 2.0}  # (250, 500] not reached yet: left out
+
+
+def test_readme_quotes_the_committed_band():
+    """The README's main-job numbers are the committed band's final values (3 significant digits)."""
+    import csv
+
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    text = readme[readme.index("## What the main job reaches"):readme.index("## Commands")]
+    rows = list(csv.DictReader((ROOT / "results" / "reference" / "band.csv").open()))
+    last = max(int(r["step"]) for r in rows)
+    final = {r["tag"]: r for r in rows if int(r["step"]) == last}
+
+    def g3(x: str) -> str:
+        return f"{float(x):#.3g}".rstrip(".")
+
+    for tag in ("val/cond_gap", "val/geneval/overall", "val/caption_f1", "val/fid", "val/kid"):
+        quoted = f"{g3(final[tag]['mean'])} [{g3(final[tag]['low'])}, {g3(final[tag]['high'])}]"
+        assert quoted in " ".join(text.split()), f"README: {tag} should read {quoted} (results/reference/band.csv)"
