@@ -12,7 +12,7 @@ from tests.conftest import run_cli, small_run_args
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 # Sweep files and `prepare` configs are not LightningCLI configs: each kind is checked by its own command.
-SWEEPS = [c for c in CONFIGS if c.parent.name == "sweeps"]
+SWEEPS = [c for c in CONFIGS if "sweeps" in c.relative_to(ROOT / "configs").parts]  # gpu/ too
 PREPARE = [c for c in CONFIGS if c.name == "prepare.yaml"]
 TRAINER = [c for c in CONFIGS if c not in SWEEPS and c not in PREPARE]
 
