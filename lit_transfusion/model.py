@@ -44,7 +44,7 @@ class ModelConfig:
             ``latent_shape`` then only describes the images to others (e.g. the code grid) and need not split
             into patches.
         unet_channels: base conv width of the unet patcher.
-        unet_skip_gate: the unet patcher's skips scaled by learned gates that start closed (``UNetPatcher``).
+        unet_skip_dropout: the fraction of training images the unet patcher decodes without skips (``UNetPatcher``).
         image_attention: the mask among one image's patches, "bidirectional" (the paper) or "causal"
             (``attention.py``); part of the network's definition, so training and generation share it.
         transformer: the backbone's config. Its ``modalities`` is 1 (dense) or 2 (Mixture-of-Transformers:
@@ -56,7 +56,7 @@ class ModelConfig:
     patch_size: int = 2
     patcher: str = "linear"
     unet_channels: int = 64
-    unet_skip_gate: bool = False
+    unet_skip_dropout: float = 0.0
     image_attention: str = "bidirectional"
     transformer: TransformerConfig = None  # type: ignore[assignment]
 
@@ -88,7 +88,7 @@ class ModelConfig:
         overrides = {k: v for k, v in overrides.items() if v is not None}
         preset = dict(SIZES[size])
         own = {"unet_channels": preset.pop("unet_channels")}
-        own.update({k: overrides.pop(k) for k in ("patch_size", "patcher", "unet_channels", "unet_skip_gate",
+        own.update({k: overrides.pop(k) for k in ("patch_size", "patcher", "unet_channels", "unet_skip_dropout",
                                                   "image_attention")
                     if k in overrides})
         known = TransformerConfig.__dataclass_fields__
@@ -130,7 +130,8 @@ class TransfusionModel(nn.Module):
         if cfg.patcher == "linear":
             self.patcher = LinearPatcher(C, h, w, cfg.patch_size, D)
         elif cfg.patcher == "unet":
-            self.patcher = UNetPatcher(C, h, w, cfg.patch_size, D, cfg.unet_channels, skip_gate=cfg.unet_skip_gate)
+            self.patcher = UNetPatcher(C, h, w, cfg.patch_size, D, cfg.unet_channels,
+                                       skip_dropout=cfg.unet_skip_dropout)
         else:
             self.patcher = None
         self.transformer = Transformer(cfg.transformer)

@@ -42,8 +42,8 @@ class TransfusionModule(MixedModalModule):
         patcher: "linear" (t-embedding + linear) or "unet" (time-conditioned conv down/up blocks with skips).
         unet_channels: base width of the unet patcher (None: the size's, e.g. 64 for tiny, 1120 for the paper's
             sizes: a ~0.27B-parameter U-Net as in the paper).
-        unet_skip_gate: scale the unet patcher's skips by learned gates that start at 0, so the up path first
-            depends on the transformer (and so on the caption); the skips open as far as they help.
+        unet_skip_dropout: the fraction of training images the unet patcher decodes with all skips zeroed, so that
+            its up path must also work from the transformer's outputs (and so the caption); 0: plain skips.
         image_attention: the mask among one image's patches. "bidirectional" (the paper): every patch sees all
             patches of its image; "causal" (the paper's Table 5 ablation): a patch sees only the earlier patches
             of its image, the causal mask everywhere. Training and generation use the same rule.
@@ -96,7 +96,7 @@ class TransfusionModule(MixedModalModule):
         patch_size: PositiveInt = 2,
         patcher: Literal["linear", "unet"] = "linear",
         unet_channels: PositiveInt | None = None,
-        unet_skip_gate: bool = False,
+        unet_skip_dropout: float = 0.0,
         image_attention: Literal["bidirectional", "causal"] = "bidirectional",
         mot: bool = False,
         qk_norm: bool = False,
@@ -141,7 +141,7 @@ class TransfusionModule(MixedModalModule):
             size, vocab_size=vocab_size, latent_shape=latent_shape, dim=dim, n_layers=n_layers, n_heads=n_heads,
             max_seq_len=max_seq_len, activation_checkpointing=activation_checkpointing,
             patch_size=patch_size, patcher=patcher, unet_channels=unet_channels, image_attention=image_attention,
-            unet_skip_gate=unet_skip_gate if patcher == "unet" else None,
+            unet_skip_dropout=unet_skip_dropout if patcher == "unet" else None,
             modalities=2 if mot else None, qk_norm=qk_norm,
         )
         optimizer = OptimizerSettings(lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, weight_decay=weight_decay,

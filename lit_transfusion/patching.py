@@ -100,20 +100,21 @@ class UNetPatcher(nn.Module):
     and concatenates the matching down features (U-Net skips) before each ResBlock. All ResBlocks are
     conditioned on the timestep embedding.
 
-    With ``skip_gate`` each skip is multiplied by a learned scalar that starts at 0 (one per up block): at the
-    start the up path can only use what comes through the transformer, which sees the caption, and a skip opens
-    as far as it lowers the loss. Without it the full-resolution skips already make a small local denoiser, the
-    loss falls without the transformer's patch outputs, and little gradient reaches the transformer through
-    ``from_model`` (``benchmarks/unet_diagnosis.py`` measures this): the caption is starved.
+    The full-resolution skips alone make a small local denoiser: the loss falls without the transformer's patch
+    outputs, which then carry a small share of the prediction and receive little gradient, so the caption is
+    starved (``benchmarks/unet_diagnosis.py`` measures this; ``results/unet_diagnosis/``). Scaling a skip does not
+    help: each up ResBlock's GroupNorm normalizes the skip's channels on their own. ``skip_dropout`` zeroes all
+    skips of a fraction of the images in training (a zero stays zero through the norm), so on those the up path
+    must rely on the transformer path; evaluation and sampling always use the skips.
 
     Args:
         channels, height, width, patch_size, dim: as :class:`LinearPatcher` (p must be a power of two).
         base_channels: width of the conv blocks (doubled once per downsampling, capped at 4×).
-        skip_gate: scale each skip by a learned scalar initialised to 0 (see above).
+        skip_dropout: the fraction of training images whose skips are all zeroed (see above).
     """
 
     def __init__(self, channels: int, height: int, width: int, patch_size: int, dim: int, base_channels: int = 64,
-                 skip_gate: bool = False):
+                 skip_dropout: float = 0.0):
         super().__init__()
         if patch_size & (patch_size - 1):
             raise ValueError(f"patch_size={patch_size}: the unet patcher needs a power of two")
@@ -143,13 +144,9 @@ class UNetPatcher(nn.Module):
         self.up.append(res(2 * widths[0], widths[0]))
         self.norm_out = nn.GroupNorm(groups, widths[0])
         self.conv_out = nn.Conv2d(widths[0], channels, 3, padding=1)
-        # One gate per up ResBlock (= per skip), or None: plain U-Net skips.
-        self.skip_gates = nn.Parameter(torch.zeros(levels + 1)) if skip_gate else None
-
-    def reset_parameters(self) -> None:
-        """This module's own parameter (the children reset themselves): the skip gates start closed."""
-        if self.skip_gates is not None:
-            nn.init.zeros_(self.skip_gates)
+        if not 0.0 <= skip_dropout < 1.0:
+            raise ValueError(f"unet_skip_dropout={skip_dropout}: expected a fraction in [0, 1)")
+        self.skip_dropout = skip_dropout
 
     def output_layers(self) -> list[nn.Module]:
         """The layers that produce the predicted noise (zero-initialised by the model)."""
@@ -180,14 +177,13 @@ class UNetPatcher(nn.Module):
         N = hidden.shape[0]
         x = self.from_model(hidden).transpose(1, 2).reshape(N, -1, self.h // self.p, self.w // self.p)
         skips = list(skips)
-        gate = 0
+        keep = None  # [N, 1, 1, 1]: 0 for the images trained without their skips
+        if self.training and self.skip_dropout > 0:
+            keep = (torch.rand(N, 1, 1, 1, device=hidden.device) >= self.skip_dropout).to(hidden.dtype)
         for layer in self.up:
             if isinstance(layer, ResnetBlock2D):
                 skip = skips.pop()
-                if self.skip_gates is not None:
-                    skip = skip * self.skip_gates[gate].to(skip.dtype)
-                    gate += 1
-                x = layer(torch.cat([x, skip], dim=1), temb)
+                x = layer(torch.cat([x, skip if keep is None else skip * keep.to(skip.dtype)], dim=1), temb)
             else:
                 x = layer(x)
         return self.conv_out(torch.nn.functional.silu(self.norm_out(x)))

@@ -212,28 +212,25 @@ def test_dense_backbone_parameter_names_are_unchanged():
     assert keys == [*blocks, "transformer.norm.weight"]
 
 
-def test_unet_skip_gates_start_closed_and_learn():
-    """With ``unet_skip_gate`` the prediction at init ignores the skips (it equals the decode of zero skips), the
-    gates get a gradient, and a build on the meta device initialises them to zero as a direct build does."""
+def test_unet_skip_dropout_zeroes_whole_images_skips_in_training_only():
+    """With ``unet_skip_dropout`` a dropped image is decoded exactly as with zero skips, a kept one as with its
+    skips; in eval every image keeps its skips."""
     from lit_transfusion.patching import UNetPatcher
 
     torch.manual_seed(0)
-    patcher = UNetPatcher(4, 8, 8, 2, 32, base_channels=32, skip_gate=True)
+    patcher = UNetPatcher(4, 8, 8, 2, 32, base_channels=32, skip_dropout=0.5)
     torch.nn.init.normal_(patcher.conv_out.weight, std=0.1)  # the model zero-initialises it; any output will do
-    latents, t = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 900])
+    latents, t = torch.randn(16, 4, 8, 8), torch.randint(0, 1000, (16,))
     tokens, skips = patcher.encode(latents, t)
     hidden = torch.randn_like(tokens)
-    out = patcher.decode(hidden, skips, t)
-    torch.testing.assert_close(out, patcher.decode(hidden, [torch.zeros_like(s) for s in skips], t))
-    out.pow(2).mean().backward()
-    assert patcher.skip_gates.grad.abs().min() > 0  # every gate can open
-    with torch.no_grad():
-        patcher.skip_gates.fill_(1.0)
-    assert not torch.allclose(patcher.decode(hidden, skips, t), out)  # open gates pass the skips
-    cfg = ModelConfig.from_size("nano", vocab_size=50, latent_shape=(4, 4, 4), patcher="unet", unet_skip_gate=True)
-    with torch.device("meta"):
-        model = TransfusionModel(cfg)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    assert torch.equal(model.patcher.skip_gates, torch.zeros(2))
-    assert TransfusionModel(cfg).patcher.skip_gates.abs().sum() == 0
+    patcher.eval()
+    with_skips = patcher.decode(hidden, skips, t)
+    without = patcher.decode(hidden, [torch.zeros_like(s) for s in skips], t)
+    patcher.train()
+    torch.manual_seed(1)
+    trained = patcher.decode(hidden, skips, t)
+    dropped = [torch.allclose(a, b, atol=1e-5) for a, b in zip(trained, without, strict=True)]
+    kept = [torch.allclose(a, b, atol=1e-5) for a, b in zip(trained, with_skips, strict=True)]
+    assert all(d != k for d, k in zip(dropped, kept, strict=True)) and 0 < sum(dropped) < 16
+    with pytest.raises(ValueError, match="unet_skip_dropout"):
+        UNetPatcher(4, 8, 8, 2, 32, skip_dropout=1.0)
