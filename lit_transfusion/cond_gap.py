@@ -29,10 +29,7 @@ def cond_gap(terms: Tensor | np.ndarray) -> float:
 def cond_gap_interval(terms: Tensor | np.ndarray, confidence: float = 0.95, resamples: int = 1000,
                       seed: int = 0) -> tuple[float, float]:
     """(low, high): the percentile bootstrap interval of :func:`cond_gap` over pairs (deterministic given seed)."""
-    rows = torch.as_tensor(terms, dtype=torch.float64).flatten(1).numpy()  # [n, levels * 2]: true, shuffled, ...
-
-    def statistic(r: np.ndarray) -> float:
-        true, shuffled = r[:, 0::2].mean(0), r[:, 1::2].mean(0)
-        return float(((shuffled - true) / shuffled).mean())
-
-    return bootstrap_interval(rows, statistic, confidence=confidence, resamples=resamples, seed=seed)
+    terms = torch.as_tensor(terms, dtype=torch.float64)
+    rows = terms.flatten(1).numpy()  # [n, levels * 2]: a pair's terms resampled together
+    return bootstrap_interval(rows, lambda r: cond_gap(r.reshape(len(r), *terms.shape[1:])), confidence=confidence,
+                              resamples=resamples, seed=seed)
