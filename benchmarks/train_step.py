@@ -12,6 +12,10 @@ the "peak" is the FLOP/s of a large matmul in the precision's compute dtype, mea
 MFU is a ratio of two numbers taken on the same machine at the same time (this is what makes it comparable
 across noisy runs). Precisions are timed in interleaved rounds on the same batches; mixed precision runs under
 Lightning's own ``MixedPrecision`` plugin context, as ``trainer.precision`` would.
+
+Then (``--fit_steps``, default 60) the same config's own ``trainer.fit`` is timed step by step, and its step is
+read against the bare step: the time between steps (the data loader building rows in the training process) and
+inside a step beyond the bare forward/backward/clip/optimizer (Lightning's loop, logging, callbacks).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import contextlib
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -27,6 +32,7 @@ from typing import Literal
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -86,8 +92,44 @@ def precision_context(precision: str, device: str):
     return MixedPrecision(precision, device).forward_context()
 
 
+class StepClock(Callback):
+    """Wall time of each training step in ``trainer.fit``, split into the time between steps (the loop fetching
+    the next batch from the data loader) and the time inside the step (forward, backward, clipping, optimizer,
+    logging and every callback's batch hooks)."""
+
+    def __init__(self):
+        self.starts, self.ends = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.starts.append(time.perf_counter())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.ends.append(time.perf_counter())
+
+    def split(self, skip: int = 3) -> tuple[float, float, float]:
+        """Median seconds per step: (whole step, between steps, inside the step), the first ``skip`` left out."""
+        inside = [e - s for s, e in zip(self.starts, self.ends, strict=False)][skip:]
+        between = [s - e for e, s in zip(self.ends, self.starts[1:], strict=False)][skip:]
+        whole = [b - a for a, b in zip(self.ends, self.ends[1:], strict=False)][skip:]
+        return statistics.median(whole), statistics.median(between), statistics.median(inside)
+
+
+def time_fit(config: str, overrides: list[str], steps: int) -> tuple[str, tuple[float, float, float]]:
+    """(precision, StepClock.split) of ``steps`` optimizer steps of the config's own ``trainer.fit`` (its data
+    loader, clipping, optimizer and per-step logging to a TensorBoard run in a temporary folder); no validation."""
+    with tempfile.TemporaryDirectory() as tmp:
+        clock = StepClock()
+        cli = build_cli(["--config", config, *overrides, f"--trainer.max_steps={steps + 4}", "--trainer.max_time=null",
+                         "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+                         f"--trainer.logger.init_args.save_dir={tmp}", f"--trainer.default_root_dir={tmp}"],
+                        run=False)
+        cli.trainer.callbacks.append(clock)
+        cli.trainer.fit(cli.model, cli.datamodule)
+        return str(cli.trainer.precision), clock.split()
+
+
 def main(config: str = "configs/shapes/tiny.yaml", steps: int = 30, precision: list[Precision] | None = None,
-         override: list[str] | None = None) -> None:
+         override: list[str] | None = None, fit_steps: int = 60) -> None:
     """Training-step benchmark: step time, tokens/s, peak RSS and model FLOPs utilisation (MFU), per precision.
 
     Args:
@@ -97,6 +139,8 @@ def main(config: str = "configs/shapes/tiny.yaml", steps: int = 30, precision: l
             (default: 32, plus bf16-mixed where the GPU/CPU has native bf16)
         override: arguments passed on to the training CLI, one per --override+=..., e.g.
             --override+=--model.init_args.patcher=unet
+        fit_steps: then time this many steps of the config's own ``trainer.fit`` (data loader, clipping, logging:
+            the main job's step) against the bare step above in its precision; 0 skips it
     """
     overrides = list(override or [])
     sys.argv = sys.argv[:1]  # the CLI gets its arguments explicitly below
@@ -113,13 +157,16 @@ def main(config: str = "configs/shapes/tiny.yaml", steps: int = 30, precision: l
     dm.setup("fit")
     loader = iter(dm.train_dataloader())
     batches = [next(loader).to(device) for _ in range(steps + 3)]
-    opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)  # as the module's optimizer
+    clip = cli.trainer.gradient_clip_val
 
     def step(batch, precision: str):
         with precision_context(precision, device):
             out = module.losses(batch)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
         opt.step()
 
     with FlopCounterMode(display=False) as counter:
@@ -170,6 +217,29 @@ def main(config: str = "configs/shapes/tiny.yaml", steps: int = 30, precision: l
               f"same process{note})")
         print(f"MFU              {flops_per_step / sec / peak:.2f}")
     print(f"peak RSS         {rss_mb:,.0f} MB")
+    if fit_steps > 0:
+        loader_s = time_loader(dm, steps)
+        fit_precision, (whole, between, inside) = time_fit(config, overrides, fit_steps)
+        key = fit_precision.removesuffix("-true")  # the trainer's "32-true" is this script's "32"
+        bare = statistics.median(times[key]) if key in times else float("nan")
+        print(f"--- trainer.fit, precision {fit_precision} (median of {fit_steps} steps; the bare step above is 1.00)")
+        print(f"step time        {whole * 1000:.0f} ms; {whole / bare:.2f}x the bare step")
+        print(f"  between steps  {between * 1000:.0f} ms ({between / whole:.0%}): fetching the next batch "
+              f"(the data loader alone: {loader_s * 1000:.0f} ms per batch)")
+        print(f"  inside a step  {inside * 1000:.0f} ms ({inside / bare:.2f}x the bare step: forward, backward, "
+              f"clipping, optimizer, logging, callbacks)")
+
+
+def time_loader(dm, n: int) -> float:
+    """Median seconds per batch of the training data loader (the rows built and packed in this process)."""
+    loader = iter(dm.train_dataloader())
+    next(loader)
+    seconds = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        next(loader)
+        seconds.append(time.perf_counter() - t0)
+    return statistics.median(seconds)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,11 @@ def run(*args: str) -> str:
 
 @pytest.mark.slow
 def test_train_step_benchmark(tmp_path):
-    out = run("benchmarks/train_step.py", "--steps", "2", "--override+=--model.init_args.size=nano",
+    out = run("benchmarks/train_step.py", "--steps", "2", "--fit_steps", "6", "--override+=--model.init_args.size=nano",
               f"--override+=--data.init_args.data_dir={tmp_path}", "--override+=--data.init_args.num_train=64",
               "--override+=--data.init_args.num_val=16")
-    for key in ("step time", "tokens/s", "MFU", "peak RSS", "--- precision 32\n"):
+    for key in ("step time", "tokens/s", "MFU", "peak RSS", "--- precision 32\n", "--- trainer.fit, precision",
+                "between steps", "the data loader alone", "inside a step"):
         assert key in out
     # bf16 is timed by default only where the hardware has it natively (the subprocess sees the same env/CUDA);
     # elsewhere one line says it was skipped and why.

@@ -78,6 +78,30 @@ def test_explicit_precision_wins(tmp_path, monkeypatch):
     assert cli.trainer.precision == "bf16-mixed"
 
 
+class GradNormAfterStep(Callback):
+    """The total gradient norm the optimizer stepped with (grads live until the next step's zero_grad)."""
+
+    def __init__(self):
+        self.norms, self.fused = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        grads = [p.grad.float().norm() for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(float(torch.stack(grads).norm()))
+        self.fused.append(trainer.optimizers[0].defaults["fused"])
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fused_adamw_is_clipped_without_a_grad_scaler(tmp_path, precision):
+    """fp32 and bf16-mixed step with the fused AdamW and still clip to gradient_clip_val (Lightning's plugin
+    refuses to clip a fused optimizer under mixed precision; the module clips itself where no scaler exists)."""
+    seen = GradNormAfterStep()
+    t = trainer(tmp_path, max_steps=3, precision=precision, gradient_clip_val=1e-3, callbacks=[seen],
+                limit_val_batches=0)
+    t.fit(make_module(), loader(3))
+    assert seen.fused == [True] * 3
+    assert all(n == pytest.approx(1e-3, rel=1e-3) for n in seen.norms), seen.norms
+
+
 # -------------------------------------------------------------------------------------- time budget
 def test_time_budget_completes_the_schedule_and_writes_last(tmp_path):
     """A run stopped by max_time (long before max_steps) ends with the LR at its floor, validates at the stop,
