@@ -45,6 +45,7 @@ class ModelConfig:
             into patches.
         unet_channels: base conv width of the unet patcher.
         unet_skip_dropout: the fraction of training images the unet patcher decodes without skips (``UNetPatcher``).
+        unet_readout: the unet patcher also reads its prediction linearly off the transformer (``UNetPatcher``).
         image_attention: the mask among one image's patches, "bidirectional" (the paper) or "causal"
             (``attention.py``); part of the network's definition, so training and generation share it.
         transformer: the backbone's config. Its ``modalities`` is 1 (dense) or 2 (Mixture-of-Transformers:
@@ -57,6 +58,7 @@ class ModelConfig:
     patcher: str = "linear"
     unet_channels: int = 64
     unet_skip_dropout: float = 0.0
+    unet_readout: bool = False
     image_attention: str = "bidirectional"
     transformer: TransformerConfig = None  # type: ignore[assignment]
 
@@ -89,7 +91,7 @@ class ModelConfig:
         preset = dict(SIZES[size])
         own = {"unet_channels": preset.pop("unet_channels")}
         own.update({k: overrides.pop(k) for k in ("patch_size", "patcher", "unet_channels", "unet_skip_dropout",
-                                                  "image_attention")
+                                                  "unet_readout", "image_attention")
                     if k in overrides})
         known = TransformerConfig.__dataclass_fields__
         unknown = sorted(set(overrides) - set(known))
@@ -131,7 +133,7 @@ class TransfusionModel(nn.Module):
             self.patcher = LinearPatcher(C, h, w, cfg.patch_size, D)
         elif cfg.patcher == "unet":
             self.patcher = UNetPatcher(C, h, w, cfg.patch_size, D, cfg.unet_channels,
-                                       skip_dropout=cfg.unet_skip_dropout)
+                                       skip_dropout=cfg.unet_skip_dropout, readout=cfg.unet_readout)
         else:
             self.patcher = None
         self.transformer = Transformer(cfg.transformer)

@@ -44,6 +44,9 @@ class TransfusionModule(MixedModalModule):
             sizes: a ~0.27B-parameter U-Net as in the paper).
         unet_skip_dropout: the fraction of training images the unet patcher decodes with all skips zeroed, so that
             its up path must also work from the transformer's outputs (and so the caption); 0: plain skips.
+        unet_readout: the unet patcher adds a linear readout of the transformer's patch outputs to its up path's
+            prediction, so that the transformer (and through it the caption) reaches the prediction directly as in
+            the linear patcher (``results/unet_diagnosis/``); false: the up blocks alone.
         image_attention: the mask among one image's patches. "bidirectional" (the paper): every patch sees all
             patches of its image; "causal" (the paper's Table 5 ablation): a patch sees only the earlier patches
             of its image, the causal mask everywhere. Training and generation use the same rule.
@@ -97,6 +100,7 @@ class TransfusionModule(MixedModalModule):
         patcher: Literal["linear", "unet"] = "linear",
         unet_channels: PositiveInt | None = None,
         unet_skip_dropout: float = 0.0,
+        unet_readout: bool = False,
         image_attention: Literal["bidirectional", "causal"] = "bidirectional",
         mot: bool = False,
         qk_norm: bool = False,
@@ -142,6 +146,7 @@ class TransfusionModule(MixedModalModule):
             max_seq_len=max_seq_len, activation_checkpointing=activation_checkpointing,
             patch_size=patch_size, patcher=patcher, unet_channels=unet_channels, image_attention=image_attention,
             unet_skip_dropout=unet_skip_dropout if patcher == "unet" else None,
+            unet_readout=unet_readout if patcher == "unet" else None,
             modalities=2 if mot else None, qk_norm=qk_norm,
         )
         optimizer = OptimizerSettings(lr=lr, min_lr=min_lr, warmup_steps=warmup_steps, weight_decay=weight_decay,

@@ -105,16 +105,20 @@ class UNetPatcher(nn.Module):
     starved (``benchmarks/unet_diagnosis.py`` measures this; ``results/unet_diagnosis/``). Scaling a skip does not
     help: each up ResBlock's GroupNorm normalizes the skip's channels on their own. ``skip_dropout`` zeroes all
     skips of a fraction of the images in training (a zero stays zero through the norm), so on those the up path
-    must rely on the transformer path; evaluation and sampling always use the skips.
+    must rely on the transformer path; evaluation and sampling always use the skips. ``readout`` adds a linear
+    readout of the transformer's patch outputs to the up path's prediction (the linear patcher's decoder, beside
+    the up blocks, zero-initialised like them): the transformer then reaches the prediction directly, as in the
+    linear patcher, and the up blocks add what the conv features know beyond it.
 
     Args:
         channels, height, width, patch_size, dim: as :class:`LinearPatcher` (p must be a power of two).
         base_channels: width of the conv blocks (doubled once per downsampling, capped at 4×).
         skip_dropout: the fraction of training images whose skips are all zeroed (see above).
+        readout: add a linear readout of the transformer's outputs to the prediction (see above).
     """
 
     def __init__(self, channels: int, height: int, width: int, patch_size: int, dim: int, base_channels: int = 64,
-                 skip_dropout: float = 0.0):
+                 skip_dropout: float = 0.0, readout: bool = False):
         super().__init__()
         if patch_size & (patch_size - 1):
             raise ValueError(f"patch_size={patch_size}: the unet patcher needs a power of two")
@@ -147,10 +151,11 @@ class UNetPatcher(nn.Module):
         if not 0.0 <= skip_dropout < 1.0:
             raise ValueError(f"unet_skip_dropout={skip_dropout}: expected a fraction in [0, 1)")
         self.skip_dropout = skip_dropout
+        self.readout = nn.Linear(dim, channels * patch_size * patch_size) if readout else None
 
     def output_layers(self) -> list[nn.Module]:
         """The layers that produce the predicted noise (zero-initialised by the model)."""
-        return [self.conv_out]
+        return [self.conv_out] + ([self.readout] if self.readout is not None else [])
 
     def keeps_init(self, name: str) -> bool:
         """The diffusers ResNet/resampling blocks keep diffusers' init (made for these conv blocks)."""
@@ -186,4 +191,7 @@ class UNetPatcher(nn.Module):
                 x = layer(torch.cat([x, skip if keep is None else skip * keep.to(skip.dtype)], dim=1), temb)
             else:
                 x = layer(x)
-        return self.conv_out(torch.nn.functional.silu(self.norm_out(x)))
+        pred = self.conv_out(torch.nn.functional.silu(self.norm_out(x)))  # [N, C, h, w]
+        if self.readout is not None:
+            pred = pred + unpatchify(self.readout(hidden), self.p, self.c, self.h, self.w)
+        return pred

@@ -234,3 +234,27 @@ def test_unet_skip_dropout_zeroes_whole_images_skips_in_training_only():
     assert all(d != k for d, k in zip(dropped, kept, strict=True)) and 0 < sum(dropped) < 16
     with pytest.raises(ValueError, match="unet_skip_dropout"):
         UNetPatcher(4, 8, 8, 2, 32, skip_dropout=1.0)
+
+
+def test_unet_readout_adds_the_linear_decoder_of_the_transformer_outputs():
+    """``unet_readout``: the prediction is the up path's plus a linear map of each patch's transformer output
+    (unpatchified as in the linear patcher); the model zero-initialises it with the other output layers."""
+    from lit_transfusion.patching import UNetPatcher, unpatchify
+
+    cfg = ModelConfig.from_size("nano", vocab_size=8, latent_shape=(4, 8, 8), patcher="unet", unet_readout=True)
+    patcher = TransfusionModel(cfg).patcher
+    assert patcher.readout is not None and not patcher.readout.weight.any() and not patcher.readout.bias.any()
+    assert TransfusionModel(ModelConfig.from_size("nano", vocab_size=8, latent_shape=(4, 8, 8),
+                                                  patcher="unet")).patcher.readout is None
+    torch.manual_seed(0)
+    patcher = UNetPatcher(4, 8, 8, 2, 32, base_channels=32, readout=True).eval()
+    torch.nn.init.normal_(patcher.conv_out.weight, std=0.1)
+    torch.nn.init.normal_(patcher.readout.weight, std=0.1)
+    latents, t = torch.randn(3, 4, 8, 8), torch.randint(0, 1000, (3,))
+    tokens, skips = patcher.encode(latents, t)
+    hidden = torch.randn_like(tokens)  # [3, 16, 32]
+    pred = patcher.decode(hidden, skips, t)
+    readout, patcher.readout = patcher.readout, None
+    up_path = patcher.decode(hidden, skips, t)
+    torch.testing.assert_close(pred, up_path + unpatchify(readout(hidden), 2, 4, 8, 8))
+    assert (pred - up_path).abs().mean() > 1e-3
