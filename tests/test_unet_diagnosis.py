@@ -163,3 +163,27 @@ def test_diagnose_reports_every_timestep(models, batches, one_thread):
     assert [r["t"] for r in result["by_t"]] == list(TIMESTEPS) and result["pairs"] == 6
     assert result["patcher"] == "unet" and result["params"]["transformer"] > 0
     diag.print_tables([{"name": "unet:test", **result}])
+
+
+def test_summary_table_reads_the_committed_diagnoses(tmp_path):
+    """The RESULTS.md table of diagnoses: one row per model with its overrides, val/cond_gap = the mean of the
+    gaps at t = 250, 500, 750, the t = 500 shares and gradient as the JSON has them."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("unet_diagnosis_summary",
+                                                  ROOT / "benchmarks" / "unet_diagnosis_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    results = ROOT / "results" / "unet_diagnosis"
+    files = [str(results / "before.json"), str(results / "skip_dropout.json")]
+    text = summary.main(files, out=str(tmp_path / "summary.md"))
+    assert (tmp_path / "summary.md").read_text() == text
+    before = json.loads((results / "before.json").read_text())
+    unet = next(m for m in before["models"] if m["patcher"] == "unet")
+    gaps = {r["t"]: r["cond_gap"] for r in unet["by_t"]}
+    row = next(r for r in summary.rows(before, "before") if r["model"] == "unet")
+    assert row["val_cond_gap"] == pytest.approx((gaps[250] + gaps[500] + gaps[750]) / 3)
+    at500 = next(r for r in unet["by_t"] if r["t"] == 500)
+    assert row["transformer_share"] == at500["zero_ablation"]["change"]
+    assert f"| before | unet | 700 | {row['val_cond_gap']:.3f} |" in text
+    assert "| skip_dropout | unet (unet_skip_dropout=0.5) | 700 |" in text
