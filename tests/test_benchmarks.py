@@ -49,3 +49,19 @@ def test_mot_benchmark():
     out = run("benchmarks/mot.py", "--sizes", "[nano]", "--steps", "1", "--rows", "2", "--seq_len", "64",
               "--threads", "1")
     assert "MoT/dense" in out and "MFLOP/position" in out
+
+
+def test_sampling_scan_scores_each_setting_of_one_checkpoint(trained_run, tmp_path):
+    """One record per guidance scale, scored on the same images' prompts; the setting reaches the sampler (a
+    2-step model's images already differ between no guidance and guidance 7.5, and so do their FIDs)."""
+    import json
+
+    out = tmp_path / "scan.json"
+    run("benchmarks/sampling_scan.py", "--ckpt", str(trained_run / "checkpoints" / "last.ckpt"),
+        "--guidance_scales", "[1,7.5]", "--steps", "[4]", "--images", "8", "--out", str(out))
+    records = json.loads(out.read_text())["records"]
+    assert [r["guidance_scale"] for r in records] == [1.0, 7.5]
+    assert records[0]["metrics"]["fid_n"] == records[1]["metrics"]["fid_n"] >= 8  # whole prompts per family
+    assert all(0 <= r["metrics"]["geneval/overall"] <= 1 for r in records)
+    assert records[0]["metrics"]["fid"] != records[1]["metrics"]["fid"]
+    assert "| ddim | 4 | 7.5 |" in out.with_suffix(".md").read_text()
