@@ -188,6 +188,23 @@ def test_overlay_of_an_entry_and_of_a_run_of_another_config(world, capsys):
         capsys.readouterr().out
 
 
+def test_steps_sets_runs_side_by_side_on_one_metric(world, capsys):
+    """Per band step: the band and each run's value with its position; a step a run lacks is "—"; a metric the
+    band does not have is a one-line error."""
+    out = world["tmp"] / "steps.md"
+    runs = f"[{world['user']},{world['into'] / 'avx512bf16-seed2'}]"
+    main(["reference", "steps", runs, "--metric", "val/cond_gap", "--band", str(world["band"]), "--out", str(out)])
+    text = out.read_text()
+    assert capsys.readouterr().out == text
+    assert "| step | band min – max | band mean [95 %] | user/version_0 | avx512bf16-seed2 |" in text
+    assert "| 1000 | 0.125 – 0.375 | 0.25 [" in text and "| 0.25 (inside) | 0.375 (inside) |" in text
+    assert "| 0.375 (below (worse: higher is better)) | 0.75 (inside) |" in text
+    main(["reference", "steps", runs, "--metric", "val/kid", "--band", str(world["band"])])
+    assert capsys.readouterr().out.splitlines()[-1].split(" | ")[-2:] == ["—", "30 (inside) |"]
+    err = error_of(["reference", "steps", runs, "--metric", "val/nope", "--band", str(world["band"])], capsys)
+    assert err.startswith("error: --metric val/nope: not in ")
+
+
 def test_fewer_runs_than_min_runs_or_a_tie_is_a_one_line_error(world, capsys):
     into, out = str(world["into"]), str(world["tmp"] / "band2")
     err = error_of(["reference", "band", "--runs", into, "--out", out, "--names", "[avx512bf16-seed0,lr3e-4-seed0]"],

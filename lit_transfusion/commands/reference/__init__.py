@@ -5,6 +5,8 @@
     python -m lit_transfusion reference band [--runs results/main_job] [--out results/reference] [--min_runs 3]
                                              [--window 250] [--names [A,B,...]]
     python -m lit_transfusion reference overlay RUN_DIR_OR_ENTRY [--band results/reference] [--out DIR]
+    python -m lit_transfusion reference steps [RUN,RUN,...] [--metric val/cond_gap] [--band results/reference]
+                                              [--out FILE]
 
 add      copies a finished fit run of the main job (runs/<name>/version_N: its TensorBoard event files and
          metrics.json) into <into>/<name>/ as small text files: metrics.json, config.yaml, hparams.yaml,
@@ -18,6 +20,7 @@ band     from the runs under --runs that share a config (config.yaml equal but f
 overlay  reads one run (a live run directory with event files, or an entry of --runs with scalars.csv) against
          the band: overlay.md (printed too) says at every band step the run has whether its value lies inside the
          band's seed [min, max], above or below it, and reads the final step; overlay.png draws the run on the band.
+steps    several runs side by side on one metric: per band step, the band and each run's value and position.
 
 Steps are the trainer's global step (optimizer steps done, as in metrics.json; TensorBoard's step + 1). Validation
 metrics are compared at the validation steps every run has; train/ losses are averaged over windows of --window

@@ -57,7 +57,22 @@ def overlay(run: str, band: str = "results/reference", out: str | None = None) -
     return read(run, band, out)
 
 
-SUBCOMMANDS = {"add": add, "band": band, "overlay": overlay}
+def steps(runs: list[str], metric: str = "val/cond_gap", band: str = "results/reference",
+          out: str | None = None) -> str:
+    """Several runs on one metric at every step of the band, side by side: steps.md (printed).
+
+    Args:
+        runs: live run directories or entries of a runs directory (e.g. [results/unet_main/a,runs/x/version_0])
+        metric: one of the band's metrics (band.json's tags)
+        band: the band's directory (band.csv, band.json)
+        out: the markdown file written (default: only printed)
+    """
+    from lit_transfusion.commands.reference.steps import steps as table
+
+    return table(runs, metric, band, out)
+
+
+SUBCOMMANDS = {"add": add, "band": band, "overlay": overlay, "steps": steps}
 
 
 class _KeepLayout(DefaultHelpFormatter):
@@ -68,8 +83,8 @@ class _KeepLayout(DefaultHelpFormatter):
 
 
 def parser() -> ArgumentParser:
-    """``reference {add,band,overlay}``, each with the arguments of its function (required ones positional); a bool
-    option given alone means true (``--allow_unfinished``)."""
+    """``reference {add,band,overlay,steps}``, each with the arguments of its function (required ones positional);
+    a bool option given alone means true (``--allow_unfinished``)."""
     description = package.__doc__.replace("``", "")
     p = ArgumentParser(prog="python -m lit_transfusion reference", description=description, exit_on_error=False,
                        formatter_class=_KeepLayout, epilog="Each subcommand's options: reference <subcommand> --help.")
