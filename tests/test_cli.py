@@ -14,7 +14,9 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 # Sweep files and `prepare` configs are not LightningCLI configs: each kind is checked by its own command.
 SWEEPS = [c for c in CONFIGS if "sweeps" in c.relative_to(ROOT / "configs").parts]  # gpu/ too
 PREPARE = [c for c in CONFIGS if c.name == "prepare.yaml"]
-TRAINER = [c for c in CONFIGS if c not in SWEEPS and c not in PREPARE]
+# Overlays change a few settings of the main job's config and are given after it: --config tiny.yaml --config X.
+OVERLAYS = [c for c in CONFIGS if "overlays" in c.relative_to(ROOT / "configs").parts]
+TRAINER = [c for c in CONFIGS if c not in SWEEPS and c not in PREPARE and c not in OVERLAYS]
 
 
 @pytest.mark.parametrize("config", TRAINER, ids=lambda p: str(p.relative_to(ROOT)))
@@ -23,6 +25,30 @@ def test_every_config_parses(config, capsys):
         main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "class_path" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", OVERLAYS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_overlay_changes_the_main_job_as_it_says(config, capsys):
+    """An overlay parses on top of configs/shapes/tiny.yaml, and every setting it names ends up in the result."""
+    import yaml
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/shapes/tiny.yaml", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    merged = yaml.safe_load(capsys.readouterr().out)
+
+    def settings(tree, prefix=""):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from settings(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    for key, value in settings(yaml.safe_load(config.read_text())):
+        node = merged
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
 
 
 @pytest.mark.parametrize("config", PREPARE, ids=lambda p: str(p.relative_to(ROOT)))
