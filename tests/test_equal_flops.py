@@ -94,6 +94,15 @@ def test_parity_ratio_higher_is_better():
     assert not result.extrapolated
 
 
+def test_parity_ratio_of_a_target_at_or_below_zero_is_withheld():
+    """An untrained reference can average a gap of 0 or below; no positive power law reaches it: no ratio, a
+    reason instead of a math error."""
+    family = fitted(power_law(0.01, 0.2))
+    for target in (0.0, -0.003):
+        result = parity_ratio(family, target, budget=4e9, higher_is_better=True)
+        assert result.ratio is None and result.compute is None and "<= 0" in result.reason
+
+
 def test_parity_ratio_flags_far_extrapolation_both_ways():
     reference = fitted(power_law(10.0, -0.1))
     far_up = parity_ratio(fitted(lambda c: 10.0 * (c / 50) ** -0.1), reference.value_at(4e9), 4e9, False)

@@ -117,6 +117,9 @@ def parity_ratio(family: PowerLaw, target: float, budget: float, higher_is_bette
         return Parity(None, None, target, budget, f"not resolved: the target {_interval_text(target_interval)} is "
                                                   f"within its interval of the floor {_interval_text(floor)}",
                       target_interval=target_interval)
+    if not target > 0:  # a power law exp(a)·C^b is positive: a gap of 0 or below (an untrained arm) is never reached
+        return Parity(None, None, target, budget, f"target {target:.4g} <= 0: a power law never reaches it",
+                      target_interval=target_interval)
     if abs(family.b) < flat:
         return Parity(None, None, target, budget, f"flat fit (slope {family.b:+.2g}): never reaches {target:.4g}",
                       target_interval=target_interval)
