@@ -366,4 +366,4 @@ class MixedModalModule(L.LightningModule):
 
 def _has_grad_scaler(trainer: L.Trainer) -> bool:
     """Whether ``trainer`` trains with a GradScaler (16-mixed): a fused optimizer then cannot be clipped."""
-    return getattr(trainer.precision_plugin, "scaler", None) is not None
+    return getattr(getattr(trainer, "precision_plugin", None), "scaler", None) is not None
