@@ -164,6 +164,32 @@ def test_band_takes_the_largest_config_and_says_so(world):
     assert (world["band"] / "band.png").stat().st_size > 10_000
 
 
+def test_band_groups_runs_that_computed_the_same_schedule(tmp_path):
+    """A cap a run never reached (``max_time`` of a run that ended by its steps), the progress bar and a callback
+    that only counts FLOPs (a sweep adds it) do not split a band; a run that stopped by time did compute another
+    schedule and is left out."""
+
+    def run_with(name: str, seed: int, trainer: dict, flops_counter: bool = False) -> Path:
+        run = make_run(tmp_path / "runs", name, seed, {**SEEDS[seed % 3], **OTHER})
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["trainer"].update(trainer)
+        if flops_counter:
+            config["trainer"]["callbacks"].insert(1, {"class_path": "callbacks.flops.FlopsCounter"})
+        (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        main(["reference", "add", str(run), "--into", str(tmp_path / "mj"), "--config", str(CONFIG)])
+        return run
+
+    run_with("capped-seed0", 0, {"max_steps": 2000, "max_time": "00:00:25:00", "enable_progress_bar": False})
+    run_with("sweep-seed1", 1, {"max_steps": 2000, "max_time": None}, flops_counter=True)
+    run_with("shipped-seed2", 2, {"max_steps": 2000, "max_time": "00:01:10:00"})
+    run_with("timed-seed3", 3, {"max_steps": 4000, "max_time": "00:00:25:00"})  # stopped by time at 2,000
+    main(["reference", "band", "--runs", str(tmp_path / "mj"), "--out", str(tmp_path / "band")])
+    meta = json.loads((tmp_path / "band" / "band.json").read_text())
+    assert [r["name"] for r in meta["runs"]] == ["avx512bf16-seed0", "avx512bf16-seed1", "avx512bf16-seed2"]
+    assert [e["name"] for e in meta["excluded"]] == ["avx512bf16-seed3"]
+    assert "trainer.max_steps: 2000 -> 4000" in meta["excluded"][0]["differs"]
+
+
 def test_overlay_reads_a_run_against_the_band(world, capsys):
     out = world["tmp"] / "overlay"
     main(["reference", "overlay", str(world["user"]), "--band", str(world["band"]), "--out", str(out)])

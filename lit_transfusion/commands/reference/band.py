@@ -62,7 +62,7 @@ def choose_group(runs: list[Run], runs_dir: str, min_runs: int) -> tuple[list[Ru
     which was chosen. Fewer than ``min_runs`` in it, or two largest groups: a ``SettingError``."""
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        groups.setdefault(config_identity(run.config), []).append(run)
+        groups.setdefault(config_identity(run.config, run.summary.get("steps")), []).append(run)
     ordered = sorted(groups.values(), key=len, reverse=True)
     chosen = ordered[0]
     others = [r for g in ordered[1:] for r in g]

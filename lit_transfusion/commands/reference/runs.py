@@ -26,6 +26,8 @@ FINAL_KEYS = (*BAND_TAGS, "val/cond_gap_low", "val/cond_gap_high", "val/geneval/
 # The config.yaml keys in which the seeds of one config may differ.
 PER_RUN_KEYS = ("seed_everything", "trainer.logger.init_args.name", "trainer.logger.init_args.save_dir",
                 "trainer.logger.init_args.version")
+NO_EFFECT_KEYS = ("trainer.enable_progress_bar",)  # what a run shows, not what it computes
+MEASURING_CALLBACKS = ("callbacks.flops.FlopsCounter",)  # count and log FLOPs (a sweep adds it), change nothing
 SAFE_NAME = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._=+,-")
 EVENTS = "events.out.tfevents.*"
 
@@ -148,9 +150,21 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_identity(config: dict) -> str:
-    """What runs of one config share: config.yaml less ``PER_RUN_KEYS``, as text."""
-    flat = {k: v for k, v in flatten(config).items() if k not in PER_RUN_KEYS}
+def config_identity(config: dict, steps: int | None = None) -> str:
+    """What runs of one config share, as text: config.yaml less what does not change what a run computes:
+    ``PER_RUN_KEYS``, ``NO_EFFECT_KEYS``, the ``MEASURING_CALLBACKS`` and, for a run that ended by its steps
+    (``steps`` reached ``trainer.max_steps``), ``trainer.max_time``, a cap it never reached (a sweep's run without a
+    time limit and a main-job run under its cap computed the same schedule)."""
+    trainer = dict(config.get("trainer") or {})
+    callbacks = trainer.get("callbacks")
+    if isinstance(callbacks, list):
+        trainer["callbacks"] = [c for c in callbacks
+                                if not (isinstance(c, dict) and c.get("class_path") in MEASURING_CALLBACKS)]
+    max_steps = trainer.get("max_steps")
+    if steps is not None and isinstance(max_steps, int) and 0 < max_steps <= steps:
+        trainer.pop("max_time", None)
+    flat = {k: v for k, v in flatten({**config, "trainer": trainer}).items()
+            if k not in PER_RUN_KEYS and k not in NO_EFFECT_KEYS}
     return json.dumps(flat, sort_keys=True, default=str)
 
 
