@@ -183,10 +183,13 @@ def test_scheduler_runs_new_data_alone_and_the_rest_in_parallel():
     overlaps: list[set[int]] = []
     lock = threading.Lock()
 
-    def one(run: Run) -> dict:
+    told_alone: dict[int, bool] = {}
+
+    def one(run: Run, alone: bool) -> dict:
         with lock:
             active.add(run.index)
             overlaps.append(set(active))
+            told_alone[run.index] = alone
         time.sleep(0.05)
         with lock:
             active.discard(run.index)
@@ -197,6 +200,8 @@ def test_scheduler_runs_new_data_alone_and_the_rest_in_parallel():
     alone = [s for s in overlaps if {0, 4, 5} & s]  # 0: first of its data; 4 failed, so 5 was first again
     assert all(len(s) == 1 for s in alone), overlaps
     assert max(len(s) for s in overlaps) == 2  # the runs with warm data did overlap
+    # ... and each run was told whether it runs alone (then it may take every core)
+    assert told_alone == {0: True, 1: False, 2: False, 3: False, 4: True, 5: True}
 
 
 def test_markdown_bolds_the_best_mean_in_each_direction(tmp_path):

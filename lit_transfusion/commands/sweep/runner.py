@@ -100,7 +100,8 @@ def _execute(command: list[str], cwd: Path, env: dict, directory: Path, start: f
 
 
 def run_local(sweep: Sweep, runs: list[Run], out: str | Path, parallel: int) -> list[dict]:
-    """Run ``runs`` here, ``parallel`` at a time with cores // parallel threads each; returns their records."""
+    """Run ``runs`` here, ``parallel`` at a time with cores // parallel threads each (a run that runs alone, the
+    first of its data: every core); returns their records."""
     todo = [r for r in runs if not is_finished(run_dir(out, sweep, r))]
     threads = max(1, cores() // max(1, min(parallel, len(todo))))  # one run left (--only i): all the cores
     for run in runs:
@@ -109,10 +110,12 @@ def run_local(sweep: Sweep, runs: list[Run], out: str | Path, parallel: int) -> 
     print(f"{len(todo)} of {len(runs)} runs to go, {max(1, min(parallel, len(todo)))} at a time, "
           f"{threads} threads each", flush=True)
 
-    def one(run: Run) -> dict:
+    def one(run: Run, alone: bool) -> dict:
         resumed = (run_dir(out, sweep, run) / "checkpoints" / "last.ckpt").is_file()
-        print(f"[{run.index}] {run.run_id}: {'resuming' if resumed else 'starting'}", flush=True)
-        done = run_one(sweep, run, out, threads)
+        n = max(threads, cores()) if alone else threads
+        print(f"[{run.index}] {run.run_id}: {'resuming' if resumed else 'starting'}"
+              + (f" alone, {n} threads (the first run of its data)" if alone and n != threads else ""), flush=True)
+        done = run_one(sweep, run, out, n)
         why = f" (exit {done['returncode']}): {done['error'][-1] if done.get('error') else ''}"
         print(f"[{run.index}] {run.run_id}: {done['status']} after {done['seconds']:.0f} s"
               + (why if done["status"] == "failed" else ""), flush=True)
@@ -130,20 +133,23 @@ def _data_key(run: Run) -> str:
 
 
 def schedule(todo: list[Run], parallel: int, one, warm: set[str]) -> list[dict]:
-    """Run ``one(run)`` for each run, up to ``parallel`` at once, in order, except that a run whose data
-    settings (:func:`_data_key`) no run has finished with yet starts only when no other run is running:
+    """Run ``one(run, alone)`` for each run, up to ``parallel`` at once, in order, except that a run whose data
+    settings (:func:`_data_key`) no run has finished with yet runs alone (``alone=True``: it may take every core):
     datamodules write their caches (rendered data, tokenizers) on first use, and two runs writing one cache file
-    at once could read each other's half-written file. Runs whose data is ready may join it, and start ahead of
-    a run that waits."""
+    at once could read each other's half-written file. Runs whose data is ready start ahead of a run that waits."""
     warm = set(warm)  # data keys some run has finished with
     records: list[dict] = []
     todo = list(todo)
     with ThreadPoolExecutor(parallel) as pool:
         running: dict = {}
+        alone = False  # a run of cold data is running: nothing joins it
         while todo or running:
             for run in list(todo):
-                if len(running) < parallel and (not running or _data_key(run) in warm):
-                    running[pool.submit(one, run)] = run
+                if alone or len(running) >= parallel:
+                    break
+                if _data_key(run) in warm or not running:
+                    alone = _data_key(run) not in warm
+                    running[pool.submit(one, run, alone)] = run
                     todo.remove(run)
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
@@ -151,4 +157,5 @@ def schedule(todo: list[Run], parallel: int, one, warm: set[str]) -> list[dict]:
                 records.append({**future.result(), "index": run.index})
                 if records[-1]["status"] == "finished":
                     warm.add(_data_key(run))
+            alone = alone and bool(running)
     return records
