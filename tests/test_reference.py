@@ -173,6 +173,7 @@ def test_band_groups_runs_that_computed_the_same_schedule(tmp_path):
         run = make_run(tmp_path / "runs", name, seed, {**SEEDS[seed % 3], **OTHER})
         config = yaml.safe_load((run / "config.yaml").read_text())
         config["trainer"].update(trainer)
+        config["model"]["init_args"]["seed"] = seed  # a sweep passes its seed to the model's noise too
         if flops_counter:
             config["trainer"]["callbacks"].insert(1, {"class_path": "callbacks.flops.FlopsCounter"})
         (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

@@ -24,8 +24,8 @@ FINAL_KEYS = (*BAND_TAGS, "val/cond_gap_low", "val/cond_gap_high", "val/geneval/
               "val/geneval/overall_high", "val/caption_f1_low", "val/caption_f1_high", "val/fid_n", "val/kid_std",
               "val/schedule_progress", "train/positions_seen")
 # The config.yaml keys in which the seeds of one config may differ.
-PER_RUN_KEYS = ("seed_everything", "trainer.logger.init_args.name", "trainer.logger.init_args.save_dir",
-                "trainer.logger.init_args.version")
+PER_RUN_KEYS = ("seed_everything", "model.init_args.seed", "trainer.logger.init_args.name",
+                "trainer.logger.init_args.save_dir", "trainer.logger.init_args.version")
 NO_EFFECT_KEYS = ("trainer.enable_progress_bar",)  # what a run shows, not what it computes
 MEASURING_CALLBACKS = ("callbacks.flops.FlopsCounter",)  # count and log FLOPs (a sweep adds it), change nothing
 SAFE_NAME = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._=+,-")
