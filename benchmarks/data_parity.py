@@ -61,7 +61,8 @@ def run_parity(out: Path, steps: int, every: int, size: str = "nano", images: in
             bpe_vocab_size=512, flip=False, num_workers=2)
     schedule = dict(steps=steps, every=every, size=size)
     shapes = ["--data.init_args.text_ratio=0", f"--data.init_args.num_train={images}",
-              f"--data.init_args.data_dir={out / 'shapes-cache'}"]
+              f"--data.init_args.data_dir={out / 'shapes-cache'}",
+              "--model.init_args.patcher=linear"]  # the model of configs/imagefolder/fit.yaml: only the data differs
     files_args = [f"--data.init_args.data_dir={prepared}", "--data.init_args.weights=null",
                   "--data.init_args.num_workers=0"]
     results = {"steps": steps, "size": size, "images": images, "shapes": {}, "prepared": {}}
