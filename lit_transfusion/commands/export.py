@@ -27,8 +27,7 @@ def export(ckpt_path: str, out: str) -> Path:
         ckpt_path: the checkpoint (any shipped module: TransfusionModule, ChameleonModule).
         out: the directory to write (created; existing files of the export are replaced).
     """
-    from safetensors.torch import save_file
-
+    from safetensors.torch import save_model
 
     module, tokenizer, codec, image_size = load_run(ckpt_path)
     kind = next((k for k, cls in modules().items() if type(module) is cls), None)
@@ -38,8 +37,9 @@ def export(ckpt_path: str, out: str) -> Path:
                          f"export writes {', '.join(c.__name__ for c in modules().values())}")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in module.model.state_dict().items()}
-    save_file(weights, out_dir / WEIGHTS, metadata={"format": FORMAT})
+    # save_model, not save_file: it writes a tensor that two names share once (the U-Net's diffusers Downsample2D
+    # keeps its conv under two names), and load_model restores both
+    save_model(module.model.cpu(), str(out_dir / WEIGHTS), metadata={"format": FORMAT})
     hparams = json.loads(json.dumps(dict(module.hparams)))  # tuples -> lists; fails loudly on anything non-JSON
     (out_dir / CONFIG).write_text(json.dumps({"format": FORMAT, "module_class": kind, "module": hparams,
                                               "codec": codec_dir, "image_size": image_size}, indent=2))

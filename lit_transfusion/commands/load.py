@@ -117,7 +117,7 @@ def _consolidated(folder: Path) -> io.BytesIO:
 def load_export(path: str | Path, device: str = "cpu"):
     """(module in eval mode with its codec attached, tokenizer, codec, image size) from an export directory, with
     no pickle load."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_model
 
     from lit_transfusion.tokenizer import TextTokenizer
 
@@ -133,7 +133,7 @@ def load_export(path: str | Path, device: str = "cpu"):
     hparams["latent_shape"] = tuple(hparams["latent_shape"])
     hparams["empty_init"] = False  # one process, the weights loaded right below
     module = modules()[kind](**hparams)
-    module.model.load_state_dict(load_file(path / WEIGHTS, device="cpu"))
+    load_model(module.model, path / WEIGHTS, device="cpu")  # strict; names sharing one tensor are filled in
     module.to(device)
     module.attach_codec(codecs()[codec_dir].from_dir(path / codec_dir))
     tokenizer = TextTokenizer.from_file(path / TOKENIZER)
