@@ -284,7 +284,7 @@ def test_budgets_written_as_yaml_text_are_numbers(tmp_path):
     sweep = load_sweep(path)
     assert sweep.budgets == [2e9, 4e9]
     assert sweep.compare == {"reference": "patch_size=2", "metrics": ["val/loss", "val/cond_gap"], "claims": [],
-                             "floors": {}}
+                             "floors": {}, "draws": []}
     assert [r.run_id for r in expand(sweep)][:2] == ["patch_size=1-budget2e9-seed0", "patch_size=2-budget2e9-seed0"]
 
 

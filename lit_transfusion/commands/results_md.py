@@ -16,6 +16,8 @@ The template is RESULTS.md's prose with placeholders on lines of their own, each
     {{claims:<name>}}          the sweep's claims: both intervals, the floor, the verdict
     {{families:<name>}}        per family and budget (a sweep with budgets): the metrics' intervals
     {{ratios:<name>}}          the FLOP ratio to match the reference, per metric and family
+    {{draws:<name>}}           per family and budget whether every seed is clear of the floors on the sweep file's
+                               ``compare.draws``, and the smallest budget at which every family draws
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ import sys
 from pathlib import Path
 
 from lit_transfusion.commands.sweep.claims import claims_markdown, format_interval, judge_all, seed_interval
+from lit_transfusion.commands.sweep.draws import DRAWS_RULE, draws_markdown
 from lit_transfusion.commands.sweep.equal_flops import Parity, equal_flops, ratio_cell
 from lit_transfusion.commands.sweep.load import load_sweep
 from lit_transfusion.commands.sweep.results import read_csv_runs, variants
 from lit_transfusion.stats import RULE
 
 PLACEHOLDER = re.compile(
-    r"^\{\{(rule|floors|tables|setup|variants|claims|families|ratios)(?::([A-Za-z0-9._=+,/-]+))?\}\}$")
+    r"^\{\{(rule|floors|tables|setup|variants|claims|families|ratios|draws)(?::([A-Za-z0-9._=+,/-]+))?\}\}$")
 # The columns of the variant and family tables: metric -> heading.
 COLUMNS = {"val/cond_gap": "cond_gap ↑", "val/geneval/overall": "GenEval ↑", "val/fid": "FID ↓", "val/kid": "KID ↓",
            "val/caption_f1": "caption F1 ↑", "val/caption_acc": "caption acc ↑", "val/ppl_text": "text ppl ↓"}
@@ -158,6 +161,10 @@ def expand_line(line: str, sources: Sources) -> list[str]:
         return families_table(runs, floors)
     if kind == "claims":
         return claims_markdown(judge_all(runs, compare)) or ["(no claims in the sweep file)"]
+    if kind == "draws":
+        if not (compare or {}).get("draws"):
+            raise ValueError(f"{line.strip()}: configs/sweeps/{name}.yaml has no compare.draws")
+        return [DRAWS_RULE, ""] + draws_markdown(runs, compare["draws"], compare["floors"])
     return ratios_table(runs, compare)
 
 

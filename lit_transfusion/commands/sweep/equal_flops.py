@@ -21,6 +21,7 @@ from typing import Any
 
 from lit_transfusion.commands.sweep.claims import claims_markdown
 from lit_transfusion.commands.sweep.direction import arrow, higher_is_better
+from lit_transfusion.commands.sweep.draws import DRAWS_RULE
 from lit_transfusion.commands.sweep.panel import finish_panel
 from lit_transfusion.stats import RULE, Interval, mean_interval
 
@@ -203,9 +204,11 @@ def _spread(values: list) -> str:
     return f"{mean:.4g}" if len(known) == 1 else f"{mean:.4g} [{min(known):.4g}, {max(known):.4g}]"
 
 
-def write_equal_flops_markdown(analysis: dict, path: Path, title: str = "sweep", claims: list | None = None) -> None:
-    """equal_flops.md: the runs per family and budget, per metric each family's fit and FLOP ratio, then the
-    claims' verdicts (``claims.ClaimResult``, judged at equal compute)."""
+def write_equal_flops_markdown(analysis: dict, path: Path, title: str = "sweep", claims: list | None = None,
+                               draws: list[str] | None = None) -> None:
+    """equal_flops.md: the runs per family and budget, where each family draws (``draws``: the lines of
+    ``draws.draws_markdown``), per metric each family's fit and FLOP ratio, then the claims' verdicts
+    (``claims.ClaimResult``, judged at equal compute)."""
     reference, metrics = analysis["reference"], analysis["metrics"]
     lines = [f"# Equal compute: {title}", "",
              "Training compute C = 6·N·D (N: the parameters a position uses; D: the non-pad positions trained on, "
@@ -224,6 +227,8 @@ def write_equal_flops_markdown(analysis: dict, path: Path, title: str = "sweep",
             lines.append("| " + " | ".join(cells) + " |")
     if not analysis["families"]:
         lines += ["", "No finished runs with a budget."]
+    if draws:
+        lines += ["", "## Where each family draws", "", DRAWS_RULE, ""] + draws
     lines += ["", f"## FLOP ratio to match `{reference}`", ""] + ratio_table(analysis)
     if claims:
         lines += ["", "## The paper's claims at equal compute", "", RULE, ""] + claims_markdown(claims)

@@ -31,13 +31,15 @@ WRONG = {
     "seeds": "a non-empty list of integers, got {value!r}",
     "budgets": "a non-empty list of compute budgets in FLOPs (e.g. [1.0e+12, 4.0e+12]), got {value!r}",
     "budgets[]": "{value!r}: a positive number of FLOPs (e.g. 2.0e+12)",
-    "compare": "a mapping {{reference: <family>, metrics: [...], claims: [...], floors: {{...}}}}, got {value!r}",
+    "compare": "a mapping {{reference: <family>, metrics: [...], claims: [...], floors: {{...}}, draws: [...]}}, "
+               "got {value!r}",
     "compare.metrics": "a non-empty list of metric names, got {value!r}",
     "compare.claims": "a list of {{metric: ..., arm: ..., reference: ..., direction: lower|higher}}, got {value!r}",
     "compare.claims[]": "a mapping {{metric: ..., arm: ..., reference: ..., direction: lower|higher, paper: ...}} "
                         "(all but paper required, no other keys), got {value!r}",
     "compare.floors": "a mapping of metric names to floors, got {value!r}",
     "compare.floors:": "a number, [low, high] or \"<file.json>:<dotted.key>\", got {value!r}",
+    "compare.draws": "a list of metric names, each with a floor in compare.floors, got {value!r}",
     "metrics": "a non-empty list of metric names, got {value!r}",
     "parallel": "a positive integer, got {value!r}",
     "slurm": "a mapping",
@@ -154,9 +156,9 @@ def _budgets(file: SweepFile, grid: dict, variants: list[dict], fail) -> list[fl
 
 
 def _compare(file: SweepFile, budgets: list[float], fail, path: Path) -> dict[str, Any] | None:
-    """``compare`` as {reference, metrics, claims, floors}: metrics filled in (default: the sweep's ``metrics``),
-    each claim checked, each floor read as [mean, low, high]. A ``reference`` (the equal-compute analysis) needs
-    ``budgets``; claims alone do not."""
+    """``compare`` as {reference, metrics, claims, floors, draws}: metrics filled in (default: the sweep's
+    ``metrics``), each claim checked, each floor read as [mean, low, high], each ``draws`` metric given a floor. A
+    ``reference`` (the equal-compute analysis) needs ``budgets``; claims alone do not."""
     if file.compare is None:
         return None
     section = file.compare
@@ -169,7 +171,12 @@ def _compare(file: SweepFile, budgets: list[float], fail, path: Path) -> dict[st
         raise fail("compare.metrics", WRONG["compare.metrics"].format(value=metrics))
     claims = [_claim(c, i, fail) for i, c in enumerate(section.claims or [])]
     floors = {m: _floor(v, fail, f"compare.floors: {m}", path) for m, v in (section.floors or {}).items()}
-    return {"reference": section.reference, "metrics": list(metrics), "claims": claims, "floors": floors}
+    draws = list(section.draws or [])
+    if missing := [m for m in draws if m not in floors]:
+        raise fail("compare.draws", f"{missing[0]} has no floor: each metric a run must clear needs one in "
+                                    "compare.floors")
+    return {"reference": section.reference, "metrics": list(metrics), "claims": claims, "floors": floors,
+            "draws": draws}
 
 
 def _claim(claim: dict[str, Any] | Claim, i: int, fail) -> dict[str, Any]:

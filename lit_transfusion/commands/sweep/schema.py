@@ -52,6 +52,9 @@ class CompareSection:
     floors: dict[str, float | list[float] | str] | None = None
     """per metric its floor (chance level or control): a number, [low, high], or "<file.json>:<dotted.key>" naming
     one of those (or {mean, low, high}) in a JSON file such as results/floors/floors.json"""
+    draws: list[str] | None = None
+    """the metrics on which a run must be clear of its floor to count as drawing (each needs a floor): equal_flops.md
+    says per family and budget whether every seed is, and the smallest budget at which every family draws"""
 
 
 @dataclasses.dataclass
