@@ -7,7 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
-from lit_transfusion.commands.results_md import render, results
+from lit_transfusion.commands.results_md import ratios_table, render, results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,3 +47,11 @@ def test_the_template_types_no_measured_number():
     typed = [p for p in paragraphs if not p.startswith(("Paper", "#", "{{"))
              and re.search(r"(?<![\w.])~?\d+\.\d+(?![\w.])|\d+ ?%|~\d", p.replace("95 %", "the confidence"))]
     assert not typed, f"typed numbers in the template's prose: {typed}"
+
+
+def test_ratios_wait_for_the_reference_and_another_family():
+    """With only the reference finished (a sweep's first runs), the ratio table says why it is empty."""
+    runs = [{"family": "chameleon", "budget": 1e13, "status": "finished", "seed": 0, "flops_6nd": 1e13,
+             "final": {"val/fid": 100.0}}]
+    assert ratios_table(runs, {"reference": "chameleon", "metrics": ["val/fid"], "floors": {}}) == \
+        ["(no ratio yet: it needs finished runs of chameleon and of another family)"]

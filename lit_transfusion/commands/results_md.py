@@ -123,6 +123,8 @@ def ratios_table(runs: list[dict], compare: dict) -> list[str]:
     """The FLOP ratio to match the reference: a row per metric, a column per other family."""
     analysis = equal_flops(runs, compare["reference"], compare["metrics"], compare.get("floors"))
     others = [f for f in analysis["families"] if f != compare["reference"]]
+    if not others or compare["reference"] not in analysis["families"]:
+        return [f"(no ratio yet: it needs finished runs of {compare['reference']} and of another family)"]
     lines = ["| metric | target (reference, observed) | " + " | ".join(others) + " |",
              "|" + "---|" * (len(others) + 2)]
     for metric in compare["metrics"]:
