@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from lit_transfusion.commands.sweep.claims import claims_markdown, judge_all
 from lit_transfusion.commands.sweep.draws import clear_of, draws, draws_markdown, run_interval, smallest_common_budget
 from lit_transfusion.commands.sweep.load import load_sweep
 from lit_transfusion.commands.sweep.schema import SweepError
@@ -66,6 +67,30 @@ def test_a_family_draws_where_every_seed_clears_every_floor():
     assert smallest_common_budget(table) is None
     answer = draws_markdown(runs + [run("c", 1e14, 0, (0.1, 0.05, 0.15), 30.0, 3.0)], METRICS, FLOORS)[-1]
     assert "none of the budgets run" in answer and "a 1e+14; b 1e+14; c none" in answer
+
+
+def test_a_claim_says_whether_both_its_families_draw_at_its_budget():
+    """Pairs are judged on their own: a and b draw together from 1e14 while c (never drawing) keeps every family
+    from drawing; a claim of a against b at 1e14 is marked as read where both draw, one of c against a is not."""
+    runs = [run("a", 1e13, 0, (0.15, 0.12, 0.19), 50.0, 5.0),
+            run("a", 1e14, 0, (0.40, 0.35, 0.45), 20.0, 3.0), run("a", 1e14, 1, (0.38, 0.33, 0.43), 20.5, 3.0),
+            run("b", 1e13, 0, (0.30, 0.25, 0.35), 40.0, 5.0),
+            run("b", 1e14, 0, (0.30, 0.25, 0.35), 40.0, 3.0), run("b", 1e14, 1, (0.31, 0.26, 0.36), 40.5, 3.0),
+            run("c", 1e13, 0, (0.10, 0.05, 0.15), 60.0, 3.0), run("c", 1e14, 0, (0.1, 0.05, 0.15), 30.0, 3.0)]
+    claims = [{"metric": "val/kid", "arm": "a", "reference": "b", "direction": "lower", "paper": "p"},
+              {"metric": "val/kid", "arm": "c", "reference": "a", "direction": "lower", "paper": "q"}]
+    compare = {"claims": claims, "floors": FLOORS, "draws": METRICS}
+    answer = draws_markdown(runs, METRICS, FLOORS, pairs=[(c["arm"], c["reference"]) for c in claims])[-1]
+    assert answer.startswith("Smallest budget at which every family draws: **none of the budgets run**")
+    assert answer.endswith("both families of a claim draw: a and b: **1e+14**; c and a: **none of the budgets run**.")
+    judged = judge_all(runs, compare)
+    assert [(c.budget, c.both_draw) for c in judged] == [(1e14, True), (1e14, False)]
+    assert [c.verdict for c in judged] == ["holds", "not resolved"]  # c's one seed has no interval
+    table = claims_markdown(judged)
+    assert "| both draw there |" in table[0] and table[1].count("---") == 8
+    assert [row.split(" | ")[-2] for row in table[2:]] == ["yes", "no"]
+    assert all(c.both_draw is None for c in judge_all(runs, {"claims": claims, "floors": FLOORS}))
+    assert "both draw" not in claims_markdown(judge_all(runs, {"claims": claims, "floors": FLOORS}))[0]
 
 
 def test_every_draws_metric_needs_a_floor(tmp_path):

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from lit_transfusion.commands.sweep.claims import claims_markdown, format_interval, judge_all, seed_interval
-from lit_transfusion.commands.sweep.draws import DRAWS_RULE, draws_markdown
+from lit_transfusion.commands.sweep.draws import DRAWS_RULE, compare_draws_markdown
 from lit_transfusion.commands.sweep.equal_flops import Parity, equal_flops, ratio_cell
 from lit_transfusion.commands.sweep.load import load_sweep
 from lit_transfusion.commands.sweep.results import read_csv_runs, variants
@@ -166,7 +166,7 @@ def expand_line(line: str, sources: Sources) -> list[str]:
     if kind == "draws":
         if not (compare or {}).get("draws"):
             raise ValueError(f"{line.strip()}: configs/sweeps/{name}.yaml has no compare.draws")
-        return [DRAWS_RULE, ""] + draws_markdown(runs, compare["draws"], compare["floors"])
+        return [DRAWS_RULE, ""] + compare_draws_markdown(runs, compare)
     return ratios_table(runs, compare)
 
 

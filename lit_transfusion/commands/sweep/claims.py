@@ -4,6 +4,8 @@ the rule in ``stats.RULE``) from the intervals over seeds of the arm's and the r
 A claim names two families and a metric. Without budgets a family's runs are its seeds; with budgets the claim is
 judged at the largest budget both families finished (equal compute). A metric's floor (``compare.floors``) is
 passed to the rule for both arms: an arm whose interval touches its floor leaves the claim "not resolved".
+Where the sweep file names ``compare.draws``, each claim also says whether both families draw at its budget
+(``draws.py``: every seed of each clear of its floors), so a verdict read where one family is at chance is marked.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from lit_transfusion.commands.sweep.draws import draws
 from lit_transfusion.stats import Interval, mean_interval, verdict
 
 
@@ -40,6 +43,8 @@ class ClaimResult:
     """"holds", "reversed" or "not resolved\""""
     paper: str | None = None
     """what the paper measured, in words"""
+    both_draw: bool | None = None
+    """whether both families draw at ``budget`` (None: the sweep file names no ``compare.draws``)"""
 
 
 def seed_interval(values: list) -> Interval | None:
@@ -79,10 +84,20 @@ def judge(runs: list[dict], claim: dict, floors: dict[str, list[float]]) -> Clai
 
 
 def judge_all(runs: list[dict], compare: dict | None) -> list[ClaimResult]:
-    """Every claim of a sweep's ``compare`` (none without one)."""
+    """Every claim of a sweep's ``compare`` (none without one), with ``both_draw`` where it names ``draws``."""
     if not compare:
         return []
-    return [judge(runs, c, compare.get("floors") or {}) for c in compare.get("claims") or []]
+    floors = compare.get("floors") or {}
+    results = [judge(runs, c, floors) for c in compare.get("claims") or []]
+    if not compare.get("draws"):
+        return results
+    table = draws(runs, compare["draws"], floors)
+
+    def drawing(family: str, budget: float | None) -> bool:
+        return budget is not None and table.get(family, {}).get(budget, {}).get("draws", False)
+
+    return [dataclasses.replace(c, both_draw=drawing(c.arm, c.budget) and drawing(c.reference, c.budget))
+            for c in results]
 
 
 def format_interval(interval: Interval | None, digits: int = 4, point: bool = False) -> str:
@@ -99,16 +114,19 @@ def format_interval(interval: Interval | None, digits: int = 4, point: bool = Fa
 
 
 def claims_markdown(results: list[ClaimResult]) -> list[str]:
-    """The claims' table: claim, both intervals, the floor, the verdict (no lines without claims)."""
+    """The claims' table: claim, both intervals, the floor, whether both draw there (when known), the verdict (no
+    lines without claims)."""
     if not results:
         return []
+    drawn = any(c.both_draw is not None for c in results)
     lines = ["| claim (paper) | metric | arm: mean [95 % interval] | reference: mean [95 % interval] | seeds | floor "
-             "| verdict |", "|---|---|---|---|---|---|---|"]
+             + ("| both draw there " if drawn else "") + "| verdict |", "|---|---|---|---|---|---|" + "---|" * (1 + drawn)]
     for c in results:
         sign = "<" if c.direction == "lower" else ">"
         at = "" if c.budget is None else f" at C = {c.budget:.3g}"
         paper = f" ({c.paper})" if c.paper else ""
+        both = ("" if not drawn else "| yes " if c.both_draw else "| no ")
         lines.append(f"| {c.arm} {sign} {c.reference}{at}{paper} | {c.metric} | {format_interval(c.arm_interval)} "
                      f"| {format_interval(c.reference_interval)} | {c.seeds[0]}, {c.seeds[1]} "
-                     f"| {format_interval(c.floor, point=True)} | **{c.verdict}** |")
+                     f"| {format_interval(c.floor, point=True)} {both}| **{c.verdict}** |")
     return lines

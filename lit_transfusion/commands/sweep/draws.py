@@ -75,9 +75,11 @@ def _text(interval: Interval | None) -> str:
     return f"{value:.3g}" if low == high else f"{value:.3g} [{low:.3g}, {high:.3g}]"
 
 
-def draws_markdown(runs: list[dict], metrics: list[str], floors: dict[str, list[float]]) -> list[str]:
+def draws_markdown(runs: list[dict], metrics: list[str], floors: dict[str, list[float]],
+                   pairs: list[tuple[str, str]] = ()) -> list[str]:
     """The table (a row per family and budget, a cell per metric with each seed's interval, ✓ where clear), the
-    floors, and the computed answer: the smallest budget at which every family draws."""
+    floors, and the computed answer: the smallest budget at which every family draws, then for each pair of
+    families in ``pairs`` (those a sweep's claims compare) the smallest budget at which both do."""
     table = draws(runs, metrics, floors)
     lines = ["| family | budget | seeds | " + " | ".join(f"{m} {arrow(m)}" for m in metrics) + " | draws |",
              "|" + "---|" * (len(metrics) + 4)]
@@ -99,4 +101,16 @@ def draws_markdown(runs: list[dict], metrics: list[str], floors: dict[str, list[
                   f"{where}).")
     else:
         answer = f"Smallest budget at which every family draws: **{smallest:.3g}**."
+    both = []
+    for a, b in dict.fromkeys(p for p in pairs if p[0] in table and p[1] in table):
+        budget = smallest_common_budget({a: table[a], b: table[b]})
+        both.append(f"{a} and {b}: " + ("**none of the budgets run**" if budget is None else f"**{budget:.3g}**"))
+    if both:
+        answer += " Smallest budget at which both families of a claim draw: " + "; ".join(both) + "."
     return lines + ["", answer]
+
+
+def compare_draws_markdown(runs: list[dict], compare: dict) -> list[str]:
+    """``draws_markdown`` for a sweep's ``compare`` section: its ``draws`` metrics, floors and claims' pairs."""
+    pairs = [(c["arm"], c["reference"]) for c in compare.get("claims") or []]
+    return draws_markdown(runs, compare["draws"], compare["floors"], pairs=pairs)

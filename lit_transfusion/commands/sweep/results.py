@@ -42,7 +42,7 @@ from typing import Any
 
 from lit_transfusion.commands.sweep.claims import claims_markdown, format_interval, judge_all, seed_interval
 from lit_transfusion.commands.sweep.direction import arrow, higher_is_better
-from lit_transfusion.commands.sweep.draws import draws_markdown
+from lit_transfusion.commands.sweep.draws import compare_draws_markdown
 from lit_transfusion.commands.sweep.equal_flops import equal_flops, write_equal_flops_figure, write_equal_flops_markdown
 from lit_transfusion.commands.sweep.panel import finish_panel
 from lit_transfusion.stats import RULE, t_quantile
@@ -164,7 +164,7 @@ def collect(sweep_dir: str | Path, metrics: list[str] | None = None, verbose: bo
     write_markdown(runs, metrics, sweep_dir / "results.md", title=sweep_dir.name, compare=compare, seeds=seeds)
     if compare and compare.get("reference"):
         analysis = equal_flops(runs, compare["reference"], compare["metrics"], compare.get("floors"))
-        draws = draws_markdown(runs, compare["draws"], compare["floors"]) if compare.get("draws") else None
+        draws = compare_draws_markdown(runs, compare) if compare.get("draws") else None
         write_equal_flops_markdown(analysis, sweep_dir / "equal_flops.md", title=sweep_dir.name,
                                    claims=judge_all(runs, compare), draws=draws)
         write_equal_flops_figure(analysis, sweep_dir / "equal_flops.png")
