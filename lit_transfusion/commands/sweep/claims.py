@@ -119,8 +119,9 @@ def claims_markdown(results: list[ClaimResult]) -> list[str]:
     if not results:
         return []
     drawn = any(c.both_draw is not None for c in results)
-    lines = ["| claim (paper) | metric | arm: mean [95 % interval] | reference: mean [95 % interval] | seeds | floor "
-             + ("| both draw there " if drawn else "") + "| verdict |", "|---|---|---|---|---|---|" + "---|" * (1 + drawn)]
+    header = ("| claim (paper) | metric | arm: mean [95 % interval] | reference: mean [95 % interval] | seeds | floor "
+              + ("| both draw there " if drawn else "") + "| verdict |")
+    lines = [header, "|" + "---|" * (7 + drawn)]
     for c in results:
         sign = "<" if c.direction == "lower" else ">"
         at = "" if c.budget is None else f" at C = {c.budget:.3g}"
